@@ -1,0 +1,3 @@
+from uadkit.cli import entry
+
+entry()

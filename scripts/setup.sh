@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install uadkit into it. Usage: scripts/setup.sh [test]
+# torch is installed first as the CPU build (UADKIT_TORCH, default torch==2.13.0, a local wheel on the
+# project's machines); set UADKIT_TORCH=torch (or a CUDA build) elsewhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+pip install -q --disable-pip-version-check "${UADKIT_TORCH:-torch==2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import torch, uadkit; print('uadkit', uadkit.__version__, '| torch', torch.__version__)"

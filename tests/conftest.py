@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+from uadkit.cli import main
+from uadkit.data.demo import make_demo_dataset
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+SMALL = ["-o", "Model.input_size=[128,128]", "-o", "Train.batch_size=4", "-o", "Train.epochs_iters=6"]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> str:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_test_good=4, n_test_defect=3, size=128)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, demo_dir) -> str:
+    """Output folder of a real STFPM training run through the CLI (shared: training is the slow part)."""
+    out = str(tmp_path_factory.mktemp("train_out"))
+    rc = main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={demo_dir}",
+               "-o", f"Global.output={out}", *SMALL])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))

@@ -1,0 +1,7 @@
+"""uadkit: unsupervised visual anomaly detection (STFPM, PatchCore, PaDiM) with a PaddleX-style CLI."""
+
+__version__ = "0.1.0"
+
+from .api import AnomalyDetector, create_model  # noqa: E402
+
+__all__ = ["AnomalyDetector", "create_model", "__version__"]

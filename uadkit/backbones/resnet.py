@@ -1,0 +1,98 @@
+"""ResNet-18 and Wide-ResNet-50-2 with torchvision's state_dict key names (conv1, layer1.0.conv1, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(y)) + idt)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, width: int = 64) -> None:
+        super().__init__()
+        mid = int(planes * width / 64)
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != out:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        return self.relu(self.bn3(self.conv3(y)) + idt)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: type[nn.Module], layers: list[int], width: int = 64, with_head: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        self.stage_channels: dict[str, int] = {}
+        self.stage_strides: dict[str, int] = {}
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, planes, stride if j == 0 else 1, width))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            self.stage_channels[f"layer{i + 1}"] = cin
+            self.stage_strides[f"layer{i + 1}"] = 4 * 2**i
+        self.with_head = with_head
+        if with_head:
+            self.fc = nn.Linear(cin, 1000)
+
+    def forward_stages(self, x: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
+        wanted = set(stages)
+        stop = max(int(s[-1]) for s in wanted)
+        out = {}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(1, stop + 1):
+            x = getattr(self, f"layer{i}")(x)
+            if f"layer{i}" in wanted:
+                out[f"layer{i}"] = x
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_stages(x, ["layer4"])["layer4"]
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(with_head: bool = False) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], with_head=with_head)
+
+
+def wide_resnet50_2(with_head: bool = False) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], width=128, with_head=with_head)

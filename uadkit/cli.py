@@ -1,0 +1,114 @@
+"""Command line, PaddleX style: `uadkit -c configs/STFPM.yaml -o Global.mode=train -o Section.key=value`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from . import __version__
+from .config import load_config
+from .errors import UadkitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="uadkit", description="Unsupervised visual anomaly detection (train on good images only).",
+        epilog="modes: check_dataset, train, evaluate, predict, demo.  Example: uadkit -c configs/STFPM.yaml "
+               "-o Global.mode=train -o Global.dataset_dir=DIR")
+    p.add_argument("-c", "--config", help="YAML config file (e.g. configs/STFPM.yaml)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
+                   help="override a config value (repeatable); values are YAML-typed")
+    p.add_argument("--version", action="version", version=f"uadkit {__version__}")
+    return p
+
+
+def _model_dir(cfg: dict, section: str) -> str:
+    return cfg[section]["model_dir"] or os.path.join(cfg["Global"]["output"], "best_model")
+
+
+def run_check_dataset(cfg: dict) -> int:
+    from .data.check_report import check_dataset
+
+    report = check_dataset(cfg)
+    return 0 if report["check_pass"] else 1
+
+
+def run_train(cfg: dict) -> dict[str, Any]:
+    from .api import AnomalyDetector
+
+    return AnomalyDetector(cfg).train()
+
+
+def run_evaluate(cfg: dict) -> dict[str, Any]:
+    from .engine.checkpoint import load_model_dir
+    from .engine.evaluate import evaluate
+
+    model, _ = load_model_dir(_model_dir(cfg, "Evaluate"))
+    return evaluate(model, cfg)
+
+
+def run_predict(cfg: dict, inputs: Any = None) -> list[str]:
+    from .api import create_model
+
+    p = cfg["Predict"]
+    inputs = inputs if inputs is not None else p["input"]
+    if not inputs:
+        raise UadkitError("Predict.input: no input given (an image, folder or URL)")
+    det = create_model(model_dir=_model_dir(cfg, "Predict"), device=cfg["Global"]["device"])
+    out = os.path.join(cfg["Global"]["output"], "predict")
+    summary = []
+    for res in det.predict(inputs, batch_size=p["batch_size"], threshold=p["threshold"]):
+        res.print(json_format=False)
+        if p["save_images"]:
+            res.save_to_img(out)
+        res.save_to_json(out)
+        summary.append({k: res[k] for k in ("input_path", "pred_score", "pred_label", "raw_score")})
+    from .data.image_io import write_text_atomic
+
+    write_text_atomic(os.path.join(out, "predict_result.json"), json.dumps(summary, indent=2))
+    n_bad = sum(s["pred_label"] == "anomalous" for s in summary)
+    print(f"{len(summary)} images, {n_bad} anomalous; results in {out}")
+    return [s["input_path"] for s in summary]
+
+
+def run_demo(cfg: dict) -> None:
+    """The main job on the embedded default: make demo data, train, evaluate, predict."""
+    from .data.demo import make_demo_dataset
+
+    g = cfg["Global"]
+    if not g["dataset_dir"]:
+        g["dataset_dir"] = os.path.join(g["output"], "demo_data")
+        if not os.path.isdir(os.path.join(g["dataset_dir"], "train", "good")):
+            print(f"making a demo dataset in {g['dataset_dir']}")
+            make_demo_dataset(g["dataset_dir"])
+    run_train(cfg)
+    run_evaluate(cfg)
+    run_predict(cfg, os.path.join(g["dataset_dir"], "test"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.override)
+        mode = cfg["Global"]["mode"]
+        if mode == "check_dataset":
+            return run_check_dataset(cfg)
+        {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "demo": run_demo}[mode](cfg)
+        return 0
+    except UadkitError as e:
+        print(f"uadkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uadkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

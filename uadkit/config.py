@@ -1,0 +1,206 @@
+"""Configuration: a YAML file with sections, `-o Section.key=value` overrides, validation.
+
+The schema is the defaults below plus each model's own `Model`/`Train` defaults. A key that is not in
+the schema is an error naming the key (with a suggestion), so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any
+
+import yaml
+
+from .errors import UadkitError
+
+MODES = ("check_dataset", "train", "evaluate", "predict", "demo")
+
+COMMON: dict[str, dict[str, Any]] = {
+    "Global": {
+        "model": "STFPM",
+        "mode": "train",
+        "dataset_dir": None,
+        "output": "output",
+        "device": "cpu",
+        "seed": 42,
+        "num_processes": 1,
+    },
+    "CheckDataset": {
+        "convert": {"enable": False, "src_dataset_type": None},
+        "split": {"enable": False, "train_percent": None, "val_percent": None},
+    },
+    "Model": {
+        "backbone": "efficientnet_lite0",
+        "layers": None,            # backbone stage names; null = the model's default for the backbone
+        "input_size": [256, 256],  # height, width
+        "pretrained_path": None,   # local ImageNet state_dict instead of the default weight source
+        "smoothing_sigma": 4.0,    # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
+    },
+    "Train": {
+        "epochs_iters": 1,
+        "batch_size": 8,
+        "num_workers": 0,
+        "val_split": 0.1,          # fraction of good training images held out for calibration
+        "calibration": {"quantile": 0.99, "margin": 0.1},
+        "resume_path": None,
+        "save_interval": 0,        # epochs between extra checkpoints; 0 = only last and best
+    },
+    "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6},
+    "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True},
+}
+
+
+def schema_for(model_name: str) -> dict[str, dict[str, Any]]:
+    from .models import model_class
+
+    cls = model_class(model_name)
+    schema = copy.deepcopy(COMMON)
+    schema["Global"]["model"] = cls.name
+    _deep_update(schema["Model"], cls.model_defaults)
+    _deep_update(schema["Train"], cls.train_defaults)
+    return schema
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UadkitError(f"override '{text}': expected Section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise UadkitError(f"override '{text}': expected Section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UadkitError(f"override '{text}': value is not valid YAML ({e})") from e
+    return parts, value
+
+
+def _lookup_error(schema: dict, parts: list[str]) -> UadkitError:
+    node = schema
+    for i, p in enumerate(parts):
+        if not isinstance(node, dict) or p not in node:
+            options = list(node) if isinstance(node, dict) else []
+            near = difflib.get_close_matches(p, options, n=1)
+            hint = f" (did you mean '{'.'.join(parts[:i] + [near[0]])}'?)" if near else ""
+            return UadkitError(f"unknown config key '{'.'.join(parts)}'{hint}; "
+                               f"known keys here: {', '.join(options)}")
+        node = node[p]
+    return UadkitError(f"config key '{'.'.join(parts)}' is a section, not a value")
+
+
+def _set(cfg: dict, schema: dict, parts: list[str], value: Any) -> None:
+    node, snode = cfg, schema
+    for p in parts[:-1]:
+        if not isinstance(snode, dict) or p not in snode or not isinstance(snode[p], dict):
+            raise _lookup_error(schema, parts)
+        node, snode = node.setdefault(p, {}), snode[p]
+    if parts[-1] not in snode or isinstance(snode[parts[-1]], dict):
+        raise _lookup_error(schema, parts)
+    node[parts[-1]] = value
+
+
+def _merge_file(cfg: dict, schema: dict, data: dict, prefix: list[str]) -> None:
+    for k, v in data.items():
+        if isinstance(v, dict):
+            sub = schema
+            for p in prefix + [k]:
+                sub = sub.get(p) if isinstance(sub, dict) else None
+            if not isinstance(sub, dict):
+                raise _lookup_error(schema, prefix + [k])
+            _merge_file(cfg, schema, v, prefix + [k])
+        else:
+            _set(cfg, schema, prefix + [k], v)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                model_name: str | None = None) -> dict[str, Any]:
+    """Defaults for the model, then the YAML file, then `Section.key=value` overrides; validated."""
+    data: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise UadkitError(f"config file '{path}' does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UadkitError(f"config file '{path}' is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise UadkitError(f"config file '{path}': expected sections (Global, Model, Train, ...) at the top level")
+    parsed = [parse_override(o) for o in overrides or []]
+    # The model decides the schema, so find it first: override > file > argument > default.
+    name = model_name or (data.get("Global") or {}).get("model") or "STFPM"
+    for parts, value in parsed:
+        if parts == ["Global", "model"]:
+            name = value
+    schema = schema_for(str(name))
+    cfg = copy.deepcopy(schema)
+    _merge_file(cfg, schema, data, [])
+    for parts, value in parsed:
+        _set(cfg, schema, parts, value)
+    cfg["Global"]["model"] = schema["Global"]["model"]
+    validate(cfg, schema)
+    return cfg
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise UadkitError(f"config key '{key}': expected {type(default).__name__}, got {value!r}")
+
+
+def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
+    for k, default in schema.items():
+        key = f"{prefix}{k}"
+        if isinstance(default, dict):
+            validate(cfg[k], default, key + ".")
+        else:
+            _check_type(key, cfg[k], default)
+    if prefix:
+        return
+    g, t, m = cfg["Global"], cfg["Train"], cfg["Model"]
+    if g["mode"] not in MODES:
+        raise UadkitError(f"config key 'Global.mode': expected one of {', '.join(MODES)}, got {g['mode']!r}")
+    for key, v in (("Train.epochs_iters", t.get("epochs_iters")), ("Train.batch_size", t["batch_size"]),
+                   ("Evaluate.batch_size", cfg["Evaluate"]["batch_size"]),
+                   ("Predict.batch_size", cfg["Predict"]["batch_size"]), ("Global.num_processes", g["num_processes"])):
+        if v is not None and v < 1:
+            raise UadkitError(f"config key '{key}': expected a positive integer, got {v}")
+    if not 0 <= t["val_split"] < 1:
+        raise UadkitError(f"config key 'Train.val_split': expected 0 <= value < 1, got {t['val_split']}")
+    size = m["input_size"]
+    if len(size) != 2 or not all(isinstance(s, int) and 32 <= s <= 4096 for s in size):
+        raise UadkitError(f"config key 'Model.input_size': expected [height, width] integers in 32..4096, got {size}")
+    q = t["calibration"]["quantile"]
+    if not 0.5 <= q <= 1:
+        raise UadkitError(f"config key 'Train.calibration.quantile': expected 0.5..1, got {q}")
+    thr = cfg["Predict"]["threshold"]
+    if thr is not None and not 0 < thr < 1:
+        raise UadkitError(f"config key 'Predict.threshold': expected a normalised score in (0, 1), got {thr}")
+    dev = str(g["device"])
+    if not (dev == "cpu" or dev.startswith(("gpu", "cuda"))):
+        raise UadkitError(f"config key 'Global.device': expected cpu, gpu, gpu:0 or gpu:0,1, got {dev!r}")
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,242 @@
+"""The shared training engine: gradient training for trainable models, one fit pass for the others,
+then calibration on the validation split and an atomic save of best_model/."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import dump_config
+from ..data.dataset import ImageDataset
+from ..data.formats import DatasetIndex, Sample
+from ..data.image_io import load_image, load_mask, write_text_atomic
+from ..errors import UadkitError
+from ..inference.predictor import score_images
+from ..models import AnomalyModel
+from .calibration import CALIBRATION_KEYS, calibrate
+from .checkpoint import load_train_state, save_model_dir
+from .device import main_device
+
+log = logging.getLogger("uadkit")
+TEACHER_CACHE_LIMIT = 4 * 1024**3  # bytes of cached targets before falling back to recomputing them
+
+
+def setup_logging(output: str | None) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+        sh = logging.StreamHandler()
+        sh.setFormatter(logging.Formatter("[uadkit] %(message)s"))
+        log.addHandler(sh)
+    if output:
+        os.makedirs(output, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output, "train.log"), encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _batches(n: int, batch_size: int, shuffle: bool, gen: torch.Generator) -> list[list[int]]:
+    order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _loader(samples: list[Sample], model: AnomalyModel, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(ImageDataset(samples, model.input_size), batch_size=batch_size, shuffle=False,
+                      num_workers=workers)
+
+
+def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
+              workers: int) -> float | None:
+    if not samples:
+        return None
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for images, _ in _loader(samples, model, batch_size, workers):
+            images = images.to(device)
+            total += float(model.training_loss(images, None)) * len(images)
+            n += len(images)
+    return total / n
+
+
+def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str,
+                   device: torch.device) -> dict[str, Any]:
+    t = cfg["Train"]
+    epochs, bs, workers = t["epochs_iters"], t["batch_size"], t["num_workers"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=t["learning_rate"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+    start, history, best = 0, [], {"epoch": None, "val_loss": math.inf, "state": None}
+    if t["resume_path"]:
+        from .checkpoint import load_model_dir
+        resumed, _ = load_model_dir(t["resume_path"])
+        state = load_train_state(t["resume_path"])
+        model.load_state_dict(resumed.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state.get("history", []))
+        log.info("resumed from %s at epoch %d", t["resume_path"], start)
+    gen = torch.Generator().manual_seed(cfg["Global"]["seed"])
+    for _ in range(start):  # keep the shuffling sequence identical to an uninterrupted run
+        torch.randperm(len(index.train), generator=gen)
+    ds = ImageDataset(index.train, model.input_size)
+    cache: dict[int, tuple[torch.Tensor, list[torch.Tensor] | None]] | None = None
+    if t.get("cache_teacher"):
+        cache = {}
+    model.to(device)
+    steps = math.ceil(len(ds) / bs)
+    for epoch in range(start, epochs):
+        model.train()
+        running, seen = 0.0, 0
+        bar = tqdm(_batches(len(ds), bs, True, gen), total=steps, desc=f"epoch {epoch + 1}/{epochs}",
+                   unit="batch", dynamic_ncols=True, leave=False)
+        for ids in bar:
+            if cache is not None and all(i in cache for i in ids):
+                images = torch.stack([cache[i][0] for i in ids]).to(device).float() / 255
+                targets = [torch.stack([cache[i][1][k] for i in ids]).to(device) for k in range(len(cache[ids[0]][1]))]
+            else:
+                images = torch.stack([ds[i][0] for i in ids]).to(device)
+                targets = model.training_targets(images)
+                if cache is not None and targets is not None:
+                    per_image = sum(x[0].numel() * x.element_size() for x in targets) + images[0].numel()
+                    if per_image * len(ds) <= TEACHER_CACHE_LIMIT:
+                        for j, i in enumerate(ids):
+                            cache[i] = ((images[j] * 255).round().to(torch.uint8).cpu(),
+                                        [x[j].detach().cpu() for x in targets])
+                    else:
+                        cache = None
+            loss = model.training_loss(images, targets)
+            if not torch.isfinite(loss):
+                raise UadkitError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); "
+                                  "lower Train.learning_rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss) * len(ids)
+            seen += len(ids)
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+        bar.close()
+        train_loss = running / max(seen, 1)
+        val_loss = _val_loss(model, index.val, device, bs, workers)
+        history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 6),
+                        "val_loss": None if val_loss is None else round(val_loss, 6)})
+        log.info("epoch %d/%d  train_loss %.5f%s", epoch + 1, epochs, train_loss,
+                 "" if val_loss is None else f"  val_loss {val_loss:.5f}")
+        score = val_loss if val_loss is not None else train_loss
+        if score <= best["val_loss"]:
+            best = {"epoch": epoch + 1, "val_loss": score,
+                    "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
+        last = epoch + 1 == epochs
+        interval = t.get("save_interval") or 0
+        if last or (interval and (epoch + 1) % interval == 0):
+            state = {"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history}
+            save_model_dir(model, os.path.join(out, "checkpoints", "last"), train_state=state)
+            if interval and (epoch + 1) % interval == 0:
+                save_model_dir(model, os.path.join(out, "checkpoints", f"epoch_{epoch + 1}"), train_state=state)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return {"history": history, "best_epoch": best["epoch"]}
+
+
+def collect_scores(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
+                   desc: str, keep_maps: bool = True):
+    """Raw scores, labels, map maxima and (optionally) raw maps + masks for a list of samples."""
+    scores, labels, maxima, maps, masks = [], [], [], [], []
+    model.eval()
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        chunk = samples[i:i + batch_size]
+        images = [load_image(s.path) for s in chunk]
+        for s, im, sc in zip(chunk, images, score_images(model, images, device)):
+            scores.append(sc.raw_score)
+            labels.append(s.label)
+            maxima.append(float(sc.raw_map.max()))
+            if keep_maps:
+                maps.append(sc.raw_map)
+                masks.append(load_mask(s.mask, im.shape[:2]) if s.mask else
+                             (np.zeros(im.shape[:2], bool) if s.label == 0 else None))
+    return np.array(scores), np.array(labels), np.array(maxima), maps, masks
+
+
+def calibrate_model(model: AnomalyModel, samples: list[Sample], cfg: dict, device: torch.device) -> dict[str, Any]:
+    c = cfg["Train"]["calibration"]
+    has_masks = any(s.mask for s in samples if s.label)
+    scores, labels, maxima, maps, masks = collect_scores(
+        model, samples, device, cfg["Train"]["batch_size"], "calibrating", keep_maps=has_masks)
+    pix_s = pix_l = None
+    if has_masks:
+        keep = [i for i, m in enumerate(masks) if m is not None]
+        pix_s = np.concatenate([maps[i].ravel() for i in keep])
+        pix_l = np.concatenate([masks[i].ravel() for i in keep])
+    cal = calibrate(scores, labels, maxima, pix_s, pix_l, c["quantile"], c["margin"])
+    model.calibration.copy_(torch.tensor([cal[k] for k in CALIBRATION_KEYS]))
+    model.is_calibrated.fill_(True)
+    return cal
+
+
+def train(model: AnomalyModel, index: DatasetIndex, cfg: dict) -> dict[str, Any]:
+    """Train/fit, calibrate, save best_model/; writes train.log, config.yaml and train_result.json."""
+    out = cfg["Global"]["output"]
+    os.makedirs(out, exist_ok=True)
+    setup_logging(out)
+    if not index.train:
+        raise UadkitError(f"Global.dataset_dir '{index.root}': no good training images found")
+    seed_everything(cfg["Global"]["seed"])
+    device = main_device(cfg["Global"]["device"])
+    result_path = os.path.join(out, "train_result.json")
+    write_text_atomic(os.path.join(out, "config.yaml"), dump_config(cfg))
+    log.info("%s on %s (%s): %d train, %d val, %d test images; device %s", model.name, index.root, index.type,
+             len(index.train), len(index.val), len(index.test), device)
+    for note in index.notes:
+        log.info(note)
+    t0 = time.time()
+    if model.trainable:
+        info = train_gradient(model, index, cfg, out, device)
+    else:
+        model.to(device)
+        loader = _loader(index.train, model, cfg["Train"]["batch_size"], cfg["Train"]["num_workers"])
+        batches = (images.to(device) for images, _ in tqdm(loader, desc="fitting", unit="batch", dynamic_ncols=True))
+        info = model.fit(batches)
+    fit_s = time.time() - t0
+    cal_samples = index.val or index.train
+    if not index.val:
+        log.warning("no validation images: calibrating on the training images (thresholds will be optimistic)")
+    cal = calibrate_model(model, cal_samples, cfg, device)
+    log.info("calibration (%s): image threshold %.6g, pixel threshold %.6g", cal["method"],
+             cal["image_threshold"], cal["pixel_threshold"])
+    best_dir = save_model_dir(model, os.path.join(out, "best_model"),
+                              extra={"trained_on": os.path.abspath(index.root), "calibration_info": cal})
+    result = {
+        "done_flag": True,
+        "model": model.name,
+        "dataset": {"root": os.path.abspath(index.root), "type": index.type, "train": len(index.train),
+                    "val": len(index.val), "test": len(index.test)},
+        "fit_seconds": round(fit_s, 2),
+        "calibration": cal,
+        "summary": model.summary(),
+        "train": info,
+        "models": {"best_model": best_dir,
+                   "last": os.path.abspath(os.path.join(out, "checkpoints", "last")) if model.trainable else None},
+        "config": os.path.abspath(os.path.join(out, "config.yaml")),
+        "log": os.path.abspath(os.path.join(out, "train.log")),
+    }
+    write_text_atomic(result_path, json.dumps(result, indent=2))
+    log.info("done in %.1f s; best model: %s", fit_s, best_dir)
+    return result

@@ -1,0 +1,91 @@
+"""The model contract: a plain nn.Module whose forward maps [0, 1] images to a raw anomaly map + score.
+
+Everything else (loading images, resizing, training loop, calibration, normalisation, results) is
+shared and lives outside the model, so a new model only says how it scores and how it learns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN19 = math.log(19.0)  # sigmoid(-ln 19) = 0.05: the median good image lands at a normalised 0.05
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, 1, H, W) maps; plain convs so it exports to ONNX."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(4 * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def squash(x: torch.Tensor, threshold: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Two-sided logistic: sigmoid((x - t) / s), s = `low` below the threshold and `high` above it."""
+    return torch.sigmoid((x - threshold) / torch.where(x < threshold, low, high))
+
+
+class AnomalyModel(nn.Module):
+    """Base class. Subclasses set the class attributes and implement `raw_map` plus how they learn."""
+
+    name: ClassVar[str]
+    model_defaults: ClassVar[dict[str, Any]] = {}
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    trainable: ClassVar[bool] = False  # True: gradient training loop; False: one `fit` pass over features
+
+    def __init__(self, model_cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = dict(model_cfg)
+        self.input_size = tuple(model_cfg["input_size"])
+        self.smoothing_sigma = float(model_cfg.get("smoothing_sigma") or 0.0)
+        # Raw-unit image threshold with its scales below / above it, then the same for pixels; see
+        # engine/calibration.py. Buffers, so they travel in the weights file and an exported graph.
+        self.register_buffer("calibration", torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0]))
+        self.register_buffer("is_calibrated", torch.tensor(False))
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) raw anomaly map at input size, before smoothing."""
+        raise NotImplementedError
+
+    def image_score(self, amap: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return amap.flatten(1).amax(1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = gaussian_blur(self.raw_map(images), self.smoothing_sigma)
+        return amap, self.image_score(amap, images)
+
+    def normalise(self, amap: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw -> [0, 1] with the calibrated thresholds at exactly 0.5 (monotone, so rankings are kept)."""
+        c = self.calibration
+        return squash(amap, c[3], c[4], c[5]), squash(score, c[0], c[1], c[2])
+
+    # -- learning ------------------------------------------------------------------------------------
+    def training_targets(self, images: torch.Tensor) -> list[torch.Tensor] | None:
+        """Fixed targets for a batch (e.g. frozen-teacher features), cacheable across epochs."""
+        return None
+
+    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
+        """One pass over good-image batches (memory-bank and statistical models)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.calibration.device
+
+    def summary(self) -> dict[str, Any]:
+        """Facts worth reporting after training (sizes of memory banks, parameter counts, ...)."""
+        return {"parameters": sum(p.numel() for p in self.parameters()),
+                "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}

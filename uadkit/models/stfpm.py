@@ -1,0 +1,66 @@
+"""STFPM (Wang et al., 2021): a student learns to match a frozen ImageNet teacher on good images only.
+
+Where the student fails to match the teacher, the image is unlike the training images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import FeatureExtractor, backbone_info
+from ..errors import UadkitError
+from .base import AnomalyModel
+
+
+def stage_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per stage, half the squared distance of channel-L2-normalised features: (B, 1, h, w) each."""
+    return [0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(1, keepdim=True)
+            for t, s in zip(teacher, student)]
+
+
+class STFPM(AnomalyModel):
+    name = "STFPM"
+    trainable = True
+    model_defaults = {"anomaly_map_mode": "product"}
+    train_defaults = {"epochs_iters": 50, "batch_size": 8, "learning_rate": 0.4, "momentum": 0.9,
+                      "weight_decay": 1e-4, "cache_teacher": True}
+
+    def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
+        super().__init__(model_cfg)
+        if model_cfg["anomaly_map_mode"] not in ("product", "sum"):
+            raise UadkitError(f"config key 'Model.anomaly_map_mode': expected product or sum, "
+                              f"got {model_cfg['anomaly_map_mode']!r}")
+        name = model_cfg["backbone"]
+        layers = model_cfg.get("layers") or list(backbone_info(name).stfpm_stages)
+        self.cfg["layers"] = list(layers)
+        self.teacher = FeatureExtractor(name, layers, pretrained=pretrained,
+                                        pretrained_path=model_cfg.get("pretrained_path"))
+        self.student = FeatureExtractor(name, layers, pretrained=False)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True) -> STFPM:
+        super().train(mode)
+        self.teacher.eval()  # frozen: its BatchNorm statistics must never move
+        return self
+
+    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+        dists = stage_distances(self.teacher(images), self.student(images))
+        size = images.shape[-2:]
+        ups = [F.interpolate(d, size=size, mode="bilinear", align_corners=False) for d in dists]
+        out = ups[0]
+        for u in ups[1:]:
+            out = out * u if self.cfg["anomaly_map_mode"] == "product" else out + u
+        return out
+
+    @torch.no_grad()
+    def training_targets(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.teacher(images)
+
+    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None) -> torch.Tensor:
+        teacher = targets if targets is not None else self.training_targets(images)
+        return sum(d.mean() for d in stage_distances(teacher, self.student(images)))
