@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import ASSETS
 from PIL import Image
 
-from conftest import ASSETS
 from uadkit.backbones import FeatureExtractor, backbone_info, build_classifier
 from uadkit.backbones.efficientnet_lite import SameConv2d
 from uadkit.backbones.resnet import resnet18, wide_resnet50_2

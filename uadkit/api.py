@@ -76,7 +76,8 @@ class AnomalyDetector:
             overrides["Global.dataset_dir"] = str(dataset_dir)
         cfg = apply_kwargs(self.cfg, overrides, ("Train", "Global", "Model"))
         if not cfg["Global"]["dataset_dir"]:
-            raise UadkitError("Global.dataset_dir: no dataset given (train(dataset_dir=...) or -o Global.dataset_dir=DIR)")
+            raise UadkitError("Global.dataset_dir: no dataset given "
+                              "(train(dataset_dir=...) or -o Global.dataset_dir=DIR)")
         if cfg["Model"] != self.cfg["Model"] or self._model is None or self.is_trained:
             self._model = build_model(self.name, cfg["Model"], pretrained=True)
         self.cfg = cfg

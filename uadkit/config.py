@@ -90,7 +90,7 @@ def _lookup_error(schema: dict, parts: list[str]) -> UadkitError:
     for i, p in enumerate(parts):
         if not isinstance(node, dict) or p not in node:
             options = list(node) if isinstance(node, dict) else []
-            near = difflib.get_close_matches(p, options, n=1)
+            near = [o for o in options if o.startswith(p)][:1] or difflib.get_close_matches(p, options, n=1, cutoff=0.5)
             hint = f" (did you mean '{'.'.join(parts[:i] + [near[0]])}'?)" if near else ""
             return UadkitError(f"unknown config key '{'.'.join(parts)}'{hint}; "
                                f"known keys here: {', '.join(options)}")

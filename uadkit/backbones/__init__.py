@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ def _lite_package_weights(variant: str) -> dict[str, torch.Tensor]:
     return torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lite_specs(variant: str) -> tuple:
     # The architecture is read from the checkpoint's shapes, once per process.
     return tuple(block_specs(_lite_package_weights(variant)))

@@ -46,7 +46,8 @@ def check_index(index: DatasetIndex, progress: bool = True) -> dict[str, Any]:
     hashes: dict[str, dict[str, str]] = {"train": {}, "val": {}, "test": {}}
     splits = {"train": index.train, "val": index.val, "test": index.test}
     todo = [(name, s) for name, samples in splits.items() for s in samples]
-    for split, s in tqdm(todo, desc="checking", unit="img", disable=not progress, leave=False, dynamic_ncols=True):
+    bar = tqdm(todo, desc="checking", unit="img", disable=None if progress else True, leave=False, dynamic_ncols=True)
+    for split, s in bar:
         size, digest, err = _probe(s.path)
         if err:
             problems.append({"file": s.path, "problem": err})

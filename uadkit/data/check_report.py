@@ -61,11 +61,11 @@ def _save_samples(index: DatasetIndex, folder: str, n: int = 4) -> list[str]:
     out = []
     picks = index.train[:n] + [s for s in index.test if s.label][: n * 2]
     for s in picks:
-        try:
+        try:  # a broken file is already listed as a problem; it just gets no picture
             im = load_image(s.path)
+            mask = load_mask(s.mask, im.shape[:2]) if s.mask else None
         except UadkitError:
             continue
-        mask = load_mask(s.mask, im.shape[:2]) if s.mask else None
         text = s.defect if s.label else "good"
         amap = mask.astype(np.float32) if mask is not None else np.zeros(im.shape[:2], np.float32)
         img = overlay(im, amap, mask, text, alpha=0.35 if mask is not None else 0.0)

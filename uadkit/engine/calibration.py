@@ -21,7 +21,6 @@ import numpy as np
 from ..metrics import f1_max
 from ..models.base import LN19
 
-
 CALIBRATION_KEYS = ("image_threshold", "image_scale_low", "image_scale_high",
                     "pixel_threshold", "pixel_scale_low", "pixel_scale_high")
 

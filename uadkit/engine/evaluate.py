@@ -145,7 +145,8 @@ def format_table(res: dict[str, Any]) -> str:
         p = res["pixel"]
         lines.append(f"  pixel  AUROC {f(p['auroc'])}  AUPRO@0.3 {f(p['aupro'])}  F1-max {f(p['f1_max'])}")
         a = p["at_threshold"]
-        lines.append(f"         at threshold: IoU {f(a['iou'])}  precision {f(a['precision'])}  recall {f(a['recall'])}")
+        lines.append(f"         at threshold: IoU {f(a['iou'])}  precision {f(a['precision'])}  "
+                     f"recall {f(a['recall'])}")
     if res["per_defect"]:
         lines.append(f"  {'defect':<20}{'n':>4}{'img AUROC':>11}{'pix AUROC':>11}{'recall@thr':>12}")
         for d, e in res["per_defect"].items():

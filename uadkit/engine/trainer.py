@@ -107,7 +107,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         model.train()
         running, seen = 0.0, 0
         bar = tqdm(_batches(len(ds), bs, True, gen), total=steps, desc=f"epoch {epoch + 1}/{epochs}",
-                   unit="batch", dynamic_ncols=True, leave=False)
+                   unit="batch", dynamic_ncols=True, disable=None, leave=False)
         for ids in bar:
             if cache is not None and all(i in cache for i in ids):
                 images = torch.stack([cache[i][0] for i in ids]).to(device).float() / 255
@@ -130,7 +130,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss) * len(ids)
+            running += float(loss.detach()) * len(ids)
             seen += len(ids)
             bar.set_postfix(loss=f"{running / seen:.4f}")
         bar.close()
@@ -161,7 +161,8 @@ def collect_scores(model: AnomalyModel, samples: list[Sample], device: torch.dev
     """Raw scores, labels, map maxima and (optionally) raw maps + masks for a list of samples."""
     scores, labels, maxima, maps, masks = [], [], [], [], []
     model.eval()
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                  disable=None):
         chunk = samples[i:i + batch_size]
         images = [load_image(s.path) for s in chunk]
         for s, im, sc in zip(chunk, images, score_images(model, images, device)):
@@ -212,7 +213,8 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict) -> dict[str, Any]
     else:
         model.to(device)
         loader = _loader(index.train, model, cfg["Train"]["batch_size"], cfg["Train"]["num_workers"])
-        batches = (images.to(device) for images, _ in tqdm(loader, desc="fitting", unit="batch", dynamic_ncols=True))
+        bar = tqdm(loader, desc="fitting", unit="batch", dynamic_ncols=True, disable=None)
+        batches = (images.to(device) for images, _ in bar)
         info = model.fit(batches)
     fit_s = time.time() - t0
     cal_samples = index.val or index.train

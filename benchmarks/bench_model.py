@@ -1,0 +1,79 @@
+"""Train (or fit) a model on an MVTec-layout category and print accuracy and speed.
+
+    python benchmarks/bench_model.py ../shared/data/mvtec_screw --model STFPM -o Train.epochs_iters=50
+
+Prints image AUROC / AUPR, pixel AUROC / AUPRO, fit time, inference images/s at batch 1 and 8 (CPU),
+model size on disk and peak memory (max RSS). The model is written under --output, never into the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from uadkit.api import AnomalyDetector  # noqa: E402
+from uadkit.config import load_config  # noqa: E402
+from uadkit.data.image_io import list_images, load_image  # noqa: E402
+from uadkit.inference.predictor import score_images  # noqa: E402
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def throughput(model, images: list[np.ndarray], batch: int, repeats: int = 3) -> float:
+    device = torch.device("cpu")
+    score_images(model, images[:batch], device, with_raw=False)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    for _ in range(repeats):
+        for i in range(0, len(images) - batch + 1, batch):
+            score_images(model, images[i:i + batch], device, with_raw=False)
+            n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dataset")
+    ap.add_argument("--model", default="STFPM")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--output", default=None)
+    ap.add_argument("-o", "--override", action="append", default=[])
+    args = ap.parse_args()
+    out = args.output or tempfile.mkdtemp(prefix=f"bench_{args.model}_")
+    config = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", f"{args.model}.yaml")
+    cfg = load_config(config, [f"Global.dataset_dir={args.dataset}", f"Global.output={out}", *args.override])
+    det = AnomalyDetector(cfg)
+    t0 = time.time()
+    tr = det.train()
+    wall = time.time() - t0
+    ev = det.evaluate()
+    imgs = [load_image(p) for p in list_images(os.path.join(args.dataset, "test"))[:16]]
+    ips1 = throughput(det.model, imgs, 1)
+    ips8 = throughput(det.model, imgs, 8)
+    summary = {
+        "model": args.model, "dataset": args.dataset, "overrides": args.override,
+        "torch_threads": torch.get_num_threads(),
+        "image_auroc": ev["image"]["auroc"], "image_aupr": ev["image"]["aupr"],
+        "pixel_auroc": ev.get("pixel", {}).get("auroc"), "pixel_aupro": ev.get("pixel", {}).get("aupro"),
+        "image_f1_at_threshold": ev["image"]["at_threshold"]["f1"],
+        "fit_seconds": tr["fit_seconds"], "train_wall_seconds": round(wall, 1),
+        "images_per_s_batch1": round(ips1, 2), "images_per_s_batch8": round(ips8, 2),
+        "model_size_mb": round(dir_size(os.path.join(out, "best_model")) / 1e6, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "output": out,
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+import pytest
+
+from uadkit.config import load_config, parse_override
+from uadkit.errors import UadkitError
+
+
+def test_defaults_file_and_overrides_merge_with_yaml_types():
+    cfg = load_config("configs/STFPM.yaml", ["Train.epochs_iters=3", "Model.input_size=[128, 96]",
+                                            "Predict.threshold=0.7", "Global.dataset_dir=/data/x"])
+    assert cfg["Train"]["epochs_iters"] == 3 and cfg["Model"]["input_size"] == [128, 96]
+    assert cfg["Predict"]["threshold"] == 0.7 and cfg["Global"]["dataset_dir"] == "/data/x"
+    assert cfg["Train"]["learning_rate"] == 0.4 and cfg["Model"]["anomaly_map_mode"] == "product"
+    assert cfg["Train"]["calibration"]["quantile"] == 0.99
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(UadkitError, match=r"unknown config key 'Train.epoch'.*Train.epochs_iters"):
+        load_config("configs/STFPM.yaml", ["Train.epoch=3"])
+    with pytest.raises(UadkitError, match="unknown config key 'Nope.x'"):
+        load_config(None, ["Nope.x=1"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("Global:\n  model: STFPM\nTrain:\n  lr: 0.1\n")
+    with pytest.raises(UadkitError, match="Train.lr"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("Train.epochs_iters=abc", "Train.epochs_iters"),
+    ("Train.epochs_iters=0", "positive integer"),
+    ("Global.mode=fly", "Global.mode"),
+    ("Model.input_size=[10]", "Model.input_size"),
+    ("Predict.threshold=2", "Predict.threshold"),
+    ("Global.model=NoSuchModel", "unknown model 'NoSuchModel'"),
+    ("Train.batch_size=1.5", "Train.batch_size"),
+    ("Global.device=tpu", "Global.device"),
+])
+def test_bad_values_are_errors_naming_the_key(override, needle):
+    with pytest.raises(UadkitError, match=needle):
+        load_config("configs/STFPM.yaml", [override])
+
+
+def test_override_syntax():
+    assert parse_override("A.b=1") == (["A", "b"], 1)
+    assert parse_override("A.b.c=[1, 2]") == (["A", "b", "c"], [1, 2])
+    assert parse_override("A.b=null") == (["A", "b"], None)
+    with pytest.raises(UadkitError, match="Section.key=value"):
+        parse_override("nokey")
+
+
+def test_missing_or_invalid_config_file(tmp_path):
+    with pytest.raises(UadkitError, match="does not exist"):
+        load_config(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("Global: [unclosed\n")
+    with pytest.raises(UadkitError, match="not valid YAML"):
+        load_config(str(bad))

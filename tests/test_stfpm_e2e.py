@@ -1,0 +1,203 @@
+"""STFPM end to end on generated data: CLI train/evaluate/predict, the Python API, results on disk."""
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from uadkit import create_model
+from uadkit.cli import main
+from uadkit.data.image_io import load_image
+from uadkit.errors import UadkitError
+from uadkit.inference.result import decode_rle
+
+
+def test_train_outputs(trained):
+    res = json.load(open(os.path.join(trained, "train_result.json")))
+    assert res["done_flag"] is True and res["model"] == "STFPM"
+    assert len(res["train"]["history"]) == 6
+    losses = [h["train_loss"] for h in res["train"]["history"]]
+    assert losses[-1] < losses[0]  # the student learns
+    cfg = yaml.safe_load(open(os.path.join(trained, "config.yaml")))
+    assert cfg["Train"]["epochs_iters"] == 6 and cfg["Model"]["input_size"] == [128, 128]
+    log = open(os.path.join(trained, "train.log")).read()
+    assert "epoch 6/6" in log and "calibration" in log
+    meta = yaml.safe_load(open(os.path.join(trained, "best_model", "model.yaml")))
+    assert meta["model"] == "STFPM" and meta["calibration"]["calibrated"] is True
+    assert meta["Model"]["layers"] == ["stage2", "stage3", "stage5"]
+    assert os.path.isfile(os.path.join(trained, "checkpoints", "last", "train_state.pt"))
+
+
+def test_cli_predict_writes_parseable_results_and_defects_score_higher(trained, demo_dir, tmp_path):
+    out = str(tmp_path / "pred")
+    rc = main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=predict", "-o", f"Global.output={out}",
+               "-o", f"Predict.model_dir={trained}/best_model", "-o", f"Predict.input={demo_dir}/test"])
+    assert rc == 0
+    summary = json.load(open(os.path.join(out, "predict", "predict_result.json")))
+    assert len(summary) == 4 + 2 * 3
+    good = [s["pred_score"] for s in summary if "/good/" in s["input_path"]]
+    bad = [s["pred_score"] for s in summary if "/good/" not in s["input_path"]]
+    assert np.mean(bad) > np.mean(good)
+    for s in summary:
+        stem = os.path.splitext(os.path.basename(s["input_path"]))[0]
+        assert 0.0 <= s["pred_score"] <= 1.0
+        assert s["pred_label"] == ("anomalous" if s["pred_score"] >= 0.5 else "normal")
+        assert os.path.isfile(os.path.join(out, "predict", f"{stem}_overlay.png"))
+    # a per-image JSON with a mask that decodes to the image size and a map file beside it
+    one = json.load(open(os.path.join(out, "predict", "000_res.json")))["res"]
+    assert decode_rle(one["pred_mask"]).shape == (128, 128)
+    amap = np.load(os.path.join(out, "predict", one["anomaly_map"]["file"]))
+    assert amap.shape == (128, 128) and 0 <= amap.min() and amap.max() <= 1
+
+
+def test_cli_evaluate_reports_metrics(trained, demo_dir, tmp_path):
+    out = str(tmp_path / "ev")
+    rc = main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=evaluate", "-o", f"Global.output={out}",
+               "-o", f"Global.dataset_dir={demo_dir}", "-o", f"Evaluate.model_dir={trained}/best_model"])
+    assert rc == 0
+    ev = json.load(open(os.path.join(out, "evaluate_result.json")))
+    assert ev["num_images"] == 10 and ev["num_anomalous"] == 6
+    assert ev["image"]["auroc"] > 0.5 and ev["pixel"]["auroc"] > 0.5
+    assert set(ev["per_defect"]) == {"scratch", "stain"}
+    assert Image.open(ev["artifacts"]["score_histogram"]).size == (720, 420)
+    assert all(os.path.isfile(p) for p in ev["artifacts"]["worst_cases"])
+
+
+def test_api_predict_inputs_and_original_size(trained, demo_dir, tmp_path):
+    model = create_model("STFPM", model_dir=os.path.join(trained, "best_model"))
+    img = load_image(os.path.join(demo_dir, "test/stain/000.png"))
+    big = np.asarray(Image.fromarray(img).resize((200, 150)))  # not the model's input size
+    results = list(model.predict([big, os.path.join(demo_dir, "test/good")], batch_size=3))
+    assert len(results) == 1 + 4
+    r = results[0]
+    assert r["input_path"] == "array_0"
+    assert r["anomaly_map"].shape == (150, 200) and r["pred_mask"].shape == (150, 200)
+    assert set(np.unique(r["pred_mask"])) <= {0, 1}
+    r.print(json_format=False)
+    r.print(json_format=True)
+    saved = r.save_to_img(tmp_path / "img")
+    assert Image.open(saved[0]).size == (200, 150)
+    assert set(np.unique(np.asarray(Image.open(saved[1])))) <= {0, 255}
+    path = r.save_to_json(tmp_path / "res.json")
+    data = json.load(open(path))["res"]
+    assert data["pred_label"] == r["pred_label"] and data["pred_score"] == r["pred_score"]
+    assert (decode_rle(data["pred_mask"]) == r["pred_mask"]).all()
+    assert r.json["res"]["pred_score"] == r["pred_score"]
+    # batch size does not change scores
+    one_by_one = [x["pred_score"] for x in model.predict(os.path.join(demo_dir, "test/good"), batch_size=1)]
+    assert one_by_one == pytest.approx([x["pred_score"] for x in results[1:]], abs=1e-5)
+
+
+def test_api_predict_from_http_url(trained, demo_dir):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=demo_dir)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/test/scratch/001.png"
+        model = create_model(model_dir=os.path.join(trained, "best_model"))
+        [r] = list(model.predict(url))
+        [local] = list(model.predict(os.path.join(demo_dir, "test/scratch/001.png")))
+        assert r["input_path"] == url and r["pred_score"] == pytest.approx(local["pred_score"])
+        with pytest.raises(UadkitError, match="could not be downloaded"):
+            list(model.predict(f"http://127.0.0.1:{server.server_address[1]}/missing.png"))
+    finally:
+        server.shutdown()
+
+
+def test_api_train_save_load_round_trip(demo_dir, tmp_path):
+    model = create_model("STFPM", input_size=[96, 96])
+    with pytest.raises(UadkitError, match="not trained"):
+        list(model.predict(os.path.join(demo_dir, "test/good/000.png")))
+    res = model.train(dataset_dir=demo_dir, epochs_iters=2, batch_size=8, output=str(tmp_path / "o"))
+    assert res["done_flag"]
+    a = [r["pred_score"] for r in model.predict(os.path.join(demo_dir, "test"))]
+    model.save(str(tmp_path / "saved"))
+    b = [r["pred_score"] for r in create_model(model_dir=str(tmp_path / "saved")).predict(
+        os.path.join(demo_dir, "test"))]
+    assert a == b
+
+
+def test_saved_model_is_self_contained_and_save_is_atomic(trained, tmp_path, monkeypatch):
+    import uadkit.backbones as bb
+    import uadkit.engine.checkpoint as ck
+
+    def no_weights():
+        raise AssertionError("loading a saved model must not read ImageNet weights")
+
+    monkeypatch.setattr(bb, "BACKBONES", {k: v.__class__(**{**v.__dict__, "weights": no_weights})
+                                          for k, v in bb.BACKBONES.items()})
+    model, meta = ck.load_model_dir(os.path.join(trained, "best_model"))
+    assert meta["uadkit_version"] and bool(model.is_calibrated)
+    # an interrupted save leaves the previous model directory as it was and no temp folders behind
+    target = str(tmp_path / "best_model")
+    ck.save_model_dir(model, target)
+    before = open(os.path.join(target, "model.safetensors"), "rb").read()
+
+    def crash(state, path):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_model_dir(model, target)
+    assert open(os.path.join(target, "model.safetensors"), "rb").read() == before
+    assert os.listdir(tmp_path) == ["best_model"]
+
+
+def test_resume_continues_from_checkpoint(demo_dir, tmp_path):
+    out1, out2 = str(tmp_path / "a"), str(tmp_path / "b")
+    base = ["-c", "configs/STFPM.yaml", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={demo_dir}",
+            "-o", "Model.input_size=[96,96]", "-o", "Train.batch_size=8"]
+    assert main(base + ["-o", f"Global.output={out1}", "-o", "Train.epochs_iters=1"]) == 0
+    assert main(base + ["-o", f"Global.output={out2}", "-o", "Train.epochs_iters=2",
+                        "-o", f"Train.resume_path={out1}/checkpoints/last"]) == 0
+    hist = json.load(open(os.path.join(out2, "train_result.json")))["train"]["history"]
+    first = json.load(open(os.path.join(out1, "train_result.json")))["train"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2] and hist[0] == first[0]
+    assert "resumed from" in open(os.path.join(out2, "train.log")).read()
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bad_inputs_exit_nonzero_with_one_line_and_keep_outputs(trained, demo_dir, tmp_path):
+    best = os.path.join(trained, "best_model")
+    before = {f: os.path.getmtime(os.path.join(best, f)) for f in os.listdir(best)}
+    r = _run_cli("-c", "configs/STFPM.yaml", "-o", "Global.mode=predict", "-o", f"Predict.model_dir={best}",
+                 "-o", f"Predict.input={tmp_path}/missing.png", "-o", f"Global.output={tmp_path}/p")
+    assert r.returncode == 2 and "missing.png" in r.stderr and "Traceback" not in r.stderr
+    r = _run_cli("-c", "configs/STFPM.yaml", "-o", "Global.mode=predict", "-o", f"Predict.model_dir={tmp_path}",
+                 "-o", f"Predict.input={demo_dir}/test/good")
+    assert r.returncode == 2 and "not a uadkit model" in r.stderr
+    r = _run_cli("-c", "configs/STFPM.yaml", "-o", "Train.epochs=3")
+    assert r.returncode == 2 and "Train.epochs" in r.stderr
+    (tmp_path / "emptyds" / "train" / "good").mkdir(parents=True)
+    r = _run_cli("-c", "configs/STFPM.yaml", "-o", f"Global.dataset_dir={tmp_path}/emptyds",
+                 "-o", f"Global.output={trained}")
+    assert r.returncode == 2 and "good training images" in r.stderr
+    # a corrupt training image: the dataset check names it and training does not start
+    bad = tmp_path / "badds"
+    for i in range(3):
+        (bad / "train" / "good").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(bad / "train" / "good" / f"{i}.png")
+    (bad / "train" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    r = _run_cli("-c", "configs/STFPM.yaml", "-o", f"Global.dataset_dir={bad}", "-o", f"Global.output={trained}")
+    assert r.returncode == 2 and "broken.png" in r.stderr
+    after = {f: os.path.getmtime(os.path.join(best, f)) for f in os.listdir(best)}
+    assert before == after  # the earlier trained model is untouched
+
+
+def test_untrained_and_wrong_model_dir_errors(tmp_path):
+    with pytest.raises(UadkitError, match="does not exist"):
+        create_model(model_dir=str(tmp_path / "nope"))
+    with pytest.raises(UadkitError, match="unknown model"):
+        create_model("NoSuchModel")
