@@ -197,6 +197,11 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     thr = cfg["Predict"]["threshold"]
     if thr is not None and not 0 < thr < 1:
         raise UadkitError(f"config key 'Predict.threshold': expected a normalised score in (0, 1), got {thr}")
+    from .backbones import backbone_info
+    from .models import model_class
+
+    backbone_info(m["backbone"])
+    model_class(g["model"]).check_config(m)
     dev = str(g["device"])
     if not (dev == "cpu" or dev.startswith(("gpu", "cuda"))):
         raise UadkitError(f"config key 'Global.device': expected cpu, gpu, gpu:0 or gpu:0,1, got {dev!r}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..errors import UadkitError
 from .base import AnomalyModel
+from .padim import PaDiM
+from .patchcore import PatchCore
 from .stfpm import STFPM
 
-MODELS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STFPM,)}
+MODELS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STFPM, PatchCore, PaDiM)}
 
 
 def model_class(name: str) -> type[AnomalyModel]:

@@ -52,6 +52,10 @@ class AnomalyModel(nn.Module):
         self.register_buffer("calibration", torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0]))
         self.register_buffer("is_calibrated", torch.tensor(False))
 
+    @classmethod
+    def check_config(cls, model_cfg: dict[str, Any]) -> None:
+        """Raise UadkitError naming the `Model.*` key whose value this model cannot use."""
+
     # -- scoring -------------------------------------------------------------------------------------
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) raw anomaly map at input size, before smoothing."""

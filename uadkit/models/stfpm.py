@@ -28,11 +28,15 @@ class STFPM(AnomalyModel):
     train_defaults = {"epochs_iters": 50, "batch_size": 8, "learning_rate": 0.4, "momentum": 0.9,
                       "weight_decay": 1e-4, "cache_teacher": True}
 
-    def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
-        super().__init__(model_cfg)
+    @classmethod
+    def check_config(cls, model_cfg: dict[str, Any]) -> None:
         if model_cfg["anomaly_map_mode"] not in ("product", "sum"):
             raise UadkitError(f"config key 'Model.anomaly_map_mode': expected product or sum, "
                               f"got {model_cfg['anomaly_map_mode']!r}")
+
+    def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
+        super().__init__(model_cfg)
+        self.check_config(model_cfg)
         name = model_cfg["backbone"]
         layers = model_cfg.get("layers") or list(backbone_info(name).stfpm_stages)
         self.cfg["layers"] = list(layers)

@@ -1,0 +1,180 @@
+"""PatchCore (Roth et al., 2022): a memory bank of locally aware patch features from good images.
+
+A test patch's anomaly score is its distance to the nearest bank entry. Fitting streams the training
+images in groups: each group's patches are reduced by greedy k-center selection before the next group
+is read, so memory stays bounded by one group plus the bank (capped by `max_bank_size`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import FeatureExtractor, backbone_info
+from ..errors import UadkitError
+from .base import AnomalyModel
+
+
+def patch_embed(features: list[torch.Tensor]) -> torch.Tensor:
+    """3x3 neighbourhood average of each stage, deeper stages upsampled to the first, concatenated."""
+    size = features[0].shape[-2:]
+    pooled = [F.avg_pool2d(f, 3, 1, 1) for f in features]
+    return torch.cat([pooled[0]] + [F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+                                    for p in pooled[1:]], 1)
+
+
+def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of `n` rows of `x` chosen by greedy k-center (farthest-point) selection.
+
+    Distances are computed in a random projection to `proj_dim` dimensions (Johnson-Lindenstrauss),
+    which keeps each step one matrix-vector product over the candidates.
+    """
+    n = min(n, len(x))
+    g = torch.Generator().manual_seed(seed)
+    if proj_dim and x.shape[1] > proj_dim:
+        proj = torch.randn(x.shape[1], proj_dim, generator=g) / math.sqrt(proj_dim)
+        z = x.float() @ proj.to(x.device)
+    else:
+        z = x.float()
+    sq = (z * z).sum(1)
+    chosen = torch.empty(n, dtype=torch.long)
+    i = int(torch.randint(len(z), (1,), generator=g))
+    mind = torch.full((len(z),), float("inf"), device=z.device)
+    for k in range(n):
+        chosen[k] = i
+        d = sq - 2 * (z @ z[i]) + sq[i]
+        mind = torch.minimum(mind, d)
+        i = int(torch.argmax(mind))
+    return chosen
+
+
+def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
+            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest bank rows for each query row (Euclidean), chunked so memory stays bounded."""
+    dists, idx = [], []
+    bank_sq = (bank * bank).sum(1)
+    for q in query.split(chunk):
+        d = (q * q).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
+        v, i = d.clamp_min_(0).topk(k, dim=1, largest=False)
+        dists.append(v.sqrt())
+        idx.append(i)
+    return torch.cat(dists), torch.cat(idx)
+
+
+class PatchCore(AnomalyModel):
+    name = "PatchCore"
+    trainable = False
+    model_defaults = {"coreset_ratio": 0.1, "coreset_group": 32, "projection_dim": 128, "num_neighbors": 9,
+                      "max_bank_size": 200000}
+    train_defaults = {"batch_size": 8}
+
+    @classmethod
+    def check_config(cls, model_cfg: dict[str, Any]) -> None:
+        ratio = model_cfg["coreset_ratio"]
+        if not 0 < ratio <= 1:
+            raise UadkitError(f"config key 'Model.coreset_ratio': expected 0 < ratio <= 1, got {ratio}")
+        for key in ("coreset_group", "num_neighbors", "max_bank_size"):
+            if model_cfg[key] < 1:
+                raise UadkitError(f"config key 'Model.{key}': expected a positive integer, got {model_cfg[key]}")
+        if model_cfg["projection_dim"] < 0:
+            raise UadkitError("config key 'Model.projection_dim': expected >= 0 (0 = no projection)")
+
+    def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
+        super().__init__(model_cfg)
+        self.check_config(model_cfg)
+        name = model_cfg["backbone"]
+        layers = model_cfg.get("layers") or list(backbone_info(name).patch_stages)
+        self.cfg["layers"] = list(layers)
+        self.backbone = FeatureExtractor(name, layers, pretrained=pretrained,
+                                         pretrained_path=model_cfg.get("pretrained_path"))
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("memory_bank", torch.zeros(0, sum(self.backbone.channels)))
+
+    def train(self, mode: bool = True) -> PatchCore:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.memory_bank = torch.zeros_like(state["memory_bank"])
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        e = patch_embed(self.backbone(images))
+        b, c, h, w = e.shape
+        return e.permute(0, 2, 3, 1).reshape(b, h * w, c), (h, w)
+
+    def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.memory_bank) == 0:
+            raise UadkitError("PatchCore has an empty memory bank: fit it on good images first")
+        emb, (h, w) = self.embed(images)
+        b = emb.shape[0]
+        d, idx = nearest(emb.reshape(b * h * w, -1), self.memory_bank, 1)
+        patch = d[:, 0].reshape(b, h * w)
+        # Image score with PatchCore's reweighting: the most anomalous patch counts for more when its
+        # nearest bank entry is itself far from the rest of the bank (a rare, not a dense, region).
+        top = patch.argmax(1)
+        feat = emb[torch.arange(b), top]
+        nn_idx = idx[:, 0].reshape(b, h * w)[torch.arange(b), top]
+        k = min(self.cfg["num_neighbors"], len(self.memory_bank))
+        _, support = nearest(self.memory_bank[nn_idx], self.memory_bank, k)
+        dist_support = torch.cdist(feat[:, None], self.memory_bank[support])[:, 0]
+        weight = 1 - torch.softmax(dist_support, 1)[:, 0]
+        score = weight * patch.max(1).values
+        amap = F.interpolate(patch.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear",
+                             align_corners=False)
+        return amap, score
+
+    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self._scores(images)[0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .base import gaussian_blur
+
+        amap, score = self._scores(images)
+        return gaussian_blur(amap, self.smoothing_sigma), score
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
+        ratio, group = self.cfg["coreset_ratio"], self.cfg["coreset_group"]
+        proj, cap = self.cfg["projection_dim"], self.cfg["max_bank_size"]
+        kept: list[torch.Tensor] = []
+        pending: list[torch.Tensor] = []
+        n_images = n_patches = peak = 0
+
+        def reduce(rows: torch.Tensor, seed: int) -> torch.Tensor:
+            if ratio >= 1:
+                return rows
+            return rows[greedy_coreset(rows, max(1, round(len(rows) * ratio)), proj, seed)]
+
+        for images in batches:
+            emb, _ = self.embed(images.to(self.memory_bank.device))
+            pending.append(emb.reshape(-1, emb.shape[-1]).cpu())
+            n_images += len(images)
+            n_patches += emb.shape[0] * emb.shape[1]
+            if sum(len(p) for p in pending) >= group * emb.shape[1]:
+                rows = torch.cat(pending)
+                peak = max(peak, rows.numel() + sum(k.numel() for k in kept))
+                kept.append(reduce(rows, len(kept)))
+                pending = []
+        if pending:
+            rows = torch.cat(pending)
+            peak = max(peak, rows.numel() + sum(k.numel() for k in kept))
+            kept.append(reduce(rows, len(kept)))
+        if not kept:
+            raise UadkitError("PatchCore.fit: no training images")
+        bank = torch.cat(kept)
+        if len(bank) > cap:  # too many images for the cap: one more k-center pass over the union
+            bank = bank[greedy_coreset(bank, cap, proj, 12345)]
+        self.memory_bank = bank.to(self.memory_bank.device).contiguous()
+        return {"images": n_images, "patches": n_patches, "memory_bank": list(self.memory_bank.shape),
+                "memory_bank_mb": round(self.memory_bank.numel() * 4 / 1e6, 2),
+                "peak_feature_mb": round(peak * 4 / 1e6, 2)}
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "memory_bank": list(self.memory_bank.shape),
+                "memory_bank_mb": round(self.memory_bank.numel() * 4 / 1e6, 2)}
