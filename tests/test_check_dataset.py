@@ -69,3 +69,48 @@ def test_split_regroups_good_images_by_percent(demo_dir, tmp_path):
     assert rep["attributes"]["train_samples"] == 12 and rep["attributes"]["val_samples"] == 4
     assert _check(demo_dir, tmp_path / "bad", "-o", "CheckDataset.split.enable=True",
                   "-o", "CheckDataset.split.train_percent=80", "-o", "CheckDataset.split.val_percent=30") == 2
+
+
+def _list_dataset(demo_dir, root):
+    """train.txt = good train images, val.txt = held-out good + labelled anomalies, test.txt = the rest."""
+    idx = load_index(demo_dir, 0.0)
+    bad = [s for s in idx.test if s.label]
+    good_test = [s for s in idx.test if not s.label]
+    os.makedirs(root, exist_ok=True)
+
+    def line(s):
+        return f"{os.path.abspath(s.path)} {os.path.abspath(s.mask)}\n" if s.mask else os.path.abspath(s.path) + "\n"
+    (root / "train.txt").write_text("".join(line(s) for s in idx.train[:12]))
+    (root / "val.txt").write_text("".join(line(s) for s in idx.train[12:] + bad[::2]))
+    (root / "test.txt").write_text("".join(line(s) for s in good_test + bad[1::2]))
+    return str(root)
+
+
+def test_calibration_uses_labelled_anomalies_when_validation_has_them(demo_dir, tmp_path):
+    ds = _list_dataset(demo_dir, tmp_path / "lists")
+    out = tmp_path / "out"
+    rc = main(["-c", "configs/PaDiM.yaml", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={ds}",
+               "-o", f"Global.output={out}", "-o", "Model.input_size=[64,64]"])
+    assert rc == 0
+    cal = json.load(open(out / "train_result.json"))["calibration"]
+    assert cal["method"] == "f1_optimal" and cal["pixel_method"] == "f1_optimal"
+    assert cal["n_anomalous"] == 3 and cal["n_good"] == 4
+
+
+def test_evaluate_without_masks_reports_image_metrics_only(demo_dir, tmp_path):
+    root = tmp_path / "plain"
+    idx = load_index(demo_dir, 0.0)
+    os.makedirs(root / "good")
+    os.makedirs(root / "defect")
+    for s in idx.train + [s for s in idx.test if not s.label]:
+        shutil.copy(s.path, root / "good" / f"{len(os.listdir(root / 'good'))}.png")
+    for s in idx.test:
+        if s.label:
+            shutil.copy(s.path, root / "defect" / f"{s.defect}_{os.path.basename(s.path)}")
+    out = tmp_path / "out"
+    base = ["-c", "configs/PaDiM.yaml", "-o", f"Global.dataset_dir={root}", "-o", f"Global.output={out}",
+            "-o", "Model.input_size=[64,64]"]
+    assert main(base + ["-o", "Global.mode=train"]) == 0
+    assert main(base + ["-o", "Global.mode=evaluate"]) == 0
+    ev = json.load(open(out / "evaluate_result.json"))
+    assert "pixel" not in ev and ev["image"]["auroc"] is not None and ev["num_anomalous"] == 6
