@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--config", default=None)
     ap.add_argument("--output", default=None)
     ap.add_argument("-o", "--override", action="append", default=[])
+    ap.add_argument("--curve", action="store_true",
+                    help="also evaluate every checkpoints/epoch_* (set -o Train.save_interval=N) for a learning curve")
     args = ap.parse_args()
     out = args.output or tempfile.mkdtemp(prefix=f"bench_{args.model}_")
     config = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", f"{args.model}.yaml")
@@ -57,6 +59,17 @@ def main() -> None:
     tr = det.train()
     wall = time.time() - t0
     ev = det.evaluate()
+    curve = []
+    if args.curve:
+        from uadkit.engine.checkpoint import load_model_dir
+        from uadkit.engine.evaluate import evaluate
+
+        ck = os.path.join(out, "checkpoints")
+        for name in sorted((d for d in os.listdir(ck) if d.startswith("epoch_")), key=lambda d: int(d[6:])):
+            model, _ = load_model_dir(os.path.join(ck, name))
+            e = evaluate(model, {**cfg, "Global": {**cfg["Global"], "output": os.path.join(out, "curve", name)}})
+            curve.append({"epoch": int(name[6:]), "image_auroc": e["image"]["auroc"],
+                          "pixel_auroc": e["pixel"]["auroc"], "pixel_aupro": e["pixel"]["aupro"]})
     imgs = [load_image(p) for p in list_images(os.path.join(args.dataset, "test"))[:16]]
     ips1 = throughput(det.model, imgs, 1)
     ips8 = throughput(det.model, imgs, 8)
@@ -72,6 +85,8 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "output": out,
     }
+    if curve:
+        summary["curve"] = curve
     print(json.dumps(summary, indent=2))
 
 

@@ -211,7 +211,7 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict) -> dict[str, Any]
     if model.trainable:
         info = train_gradient(model, index, cfg, out, device)
     else:
-        model.to(device)
+        model.to(device).eval()  # a fit pass is feature extraction: BatchNorm must use its running statistics
         loader = _loader(index.train, model, cfg["Train"]["batch_size"], cfg["Train"]["num_workers"])
         bar = tqdm(loader, desc="fitting", unit="batch", dynamic_ncols=True, disable=None)
         batches = (images.to(device) for images, _ in bar)

@@ -34,8 +34,7 @@ def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torc
     """Score a batch of RGB uint8 images of any sizes; maps come back at each image's own size."""
     size = model.input_size
     batch = torch.from_numpy(np.stack([prepare_image(im, size) for im in images])).to(device)
-    amap, score = model(batch)
-    nmap, nscore = model.normalise(amap, score)
+    amap, score, nmap, nscore = model.scores(batch)
     out = []
     for i, im in enumerate(images):
         hw = im.shape[:2]

@@ -73,6 +73,12 @@ class AnomalyModel(nn.Module):
         c = self.calibration
         return squash(amap, c[3], c[4], c[5]), squash(score, c[0], c[1], c[2])
 
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The full scoring path: raw map, raw score, normalised map, normalised score (what is exported)."""
+        amap, score = self(images)
+        nmap, nscore = self.normalise(amap, score)
+        return amap, score, nmap, nscore
+
     # -- learning ------------------------------------------------------------------------------------
     def training_targets(self, images: torch.Tensor) -> list[torch.Tensor] | None:
         """Fixed targets for a batch (e.g. frozen-teacher features), cacheable across epochs."""

@@ -41,6 +41,7 @@ class PaDiM(AnomalyModel):
                                          pretrained_path=model_cfg.get("pretrained_path"))
         for p in self.backbone.parameters():
             p.requires_grad_(False)
+        self.backbone.eval()
         total = sum(self.backbone.channels)
         d = min(int(model_cfg["feature_dim"]), total)
         # A fixed random channel subset (seeded): PaDiM's cheap alternative to PCA.
