@@ -48,10 +48,13 @@ def apply_kwargs(cfg: dict, kwargs: dict[str, Any], prefer: tuple[str, ...]) -> 
 class AnomalyDetector:
     """A model plus its config. Untrained until `train()` or loaded from a model_dir."""
 
-    def __init__(self, cfg: dict[str, Any], model: AnomalyModel | None = None, meta: dict | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], model: AnomalyModel | None = None, meta: dict | None = None,
+                 model_dir: str | None = None) -> None:
         self.cfg = cfg
         self._model = model
         self.meta = meta or {}
+        self.model_dir = model_dir  # where the trained model lives on disk (its exported graph beside it)
+        self._onnx = None
 
     @property
     def name(self) -> str:
@@ -83,12 +86,15 @@ class AnomalyDetector:
         self.cfg = cfg
         index = load_index(cfg["Global"]["dataset_dir"], cfg["Train"]["val_split"], cfg["Global"]["seed"])
         require_valid(index)
-        return run_training(self.model, index, cfg)
+        result = run_training(self.model, index, cfg)
+        self.model_dir, self._onnx = result["models"]["best_model"], None
+        return result
 
     def save(self, path: str) -> str:
         if not self.is_trained:
             raise UadkitError("this model is not trained yet; nothing to save")
-        return save_model_dir(self.model, path)
+        self.model_dir, self._onnx = save_model_dir(self.model, path), None
+        return self.model_dir
 
     def predict(self, inputs: Any, batch_size: int = 1, threshold: float | None = None) -> Iterator[AnomalyResult]:
         """Yield one AnomalyResult per image. Inputs: path, folder, URL, uint8 array, or a list of these."""
@@ -97,7 +103,30 @@ class AnomalyDetector:
                               "or create_model(model_dir=...) to load a trained one")
         thr = threshold if threshold is not None else self.cfg["Predict"]["threshold"]
         device = main_device(self.cfg["Global"]["device"])
-        return Predictor(self.model, device, thr)(inputs, batch_size=batch_size)
+        return Predictor(self.scorer(), device, thr)(inputs, batch_size=batch_size)
+
+    def scorer(self):
+        """What runs the scoring path: the torch model, or its exported graph under ONNX Runtime."""
+        if self.cfg["Predict"]["run_mode"] != "onnxruntime":
+            return self.model
+        if self._onnx is None:
+            from .engine.export import OnnxModel, export_onnx
+
+            if not self.model_dir:
+                raise UadkitError("run_mode onnxruntime needs a saved model: train it or load it from a model_dir")
+            if not os.path.isfile(os.path.join(self.model_dir, "inference", "model.onnx")):
+                export_onnx(self.model, self.model_dir, self.cfg["Export"]["opset"])
+            self._onnx = OnnxModel(self.model_dir)
+        return self._onnx
+
+    def export(self, opset: int | None = None) -> str:
+        """Write <model_dir>/inference/ (ONNX graph + inference.yml); returns the folder."""
+        from .engine.export import export_onnx
+
+        if not self.is_trained or not self.model_dir:
+            raise UadkitError("export: train or load a model first")
+        self._onnx = None
+        return export_onnx(self.model, self.model_dir, opset or self.cfg["Export"]["opset"])
 
     def evaluate(self, dataset_dir: str | None = None, **overrides: Any) -> dict[str, Any]:
         from .engine.evaluate import evaluate
@@ -111,10 +140,11 @@ class AnomalyDetector:
 
 
 def create_model(model_name: str | None = None, model_dir: str | None = None, config: str | None = None,
-                 device: str | None = None, **overrides: Any) -> AnomalyDetector:
+                 device: str | None = None, run_mode: str | None = None, **overrides: Any) -> AnomalyDetector:
     """`create_model("STFPM")` for a new model; `create_model(model_dir="output/best_model")` for a trained one.
 
     `config` is a YAML file; `overrides` are `Section.key` (or plain key) settings, e.g. backbone="resnet18".
+    `run_mode="onnxruntime"` predicts with the exported ONNX graph (exported on first use if missing).
     """
     model, meta = None, None
     if model_dir is not None:
@@ -126,13 +156,15 @@ def create_model(model_name: str | None = None, model_dir: str | None = None, co
             raise UadkitError(f"model_dir '{model_dir}' holds a {model.name} model, not {model_name}")
         model_name = model.name
     elif model_name and os.path.isdir(model_name):  # create_model("output/best_model")
-        return create_model(model_dir=model_name, config=config, device=device, **overrides)
+        return create_model(model_dir=model_name, config=config, device=device, run_mode=run_mode, **overrides)
     cfg = load_config(config, [], model_name=model_name)
     if model is not None:
         cfg["Model"].update(model.cfg)
     if device is not None:
         overrides["Global.device"] = device
+    if run_mode is not None:
+        overrides["Predict.run_mode"] = run_mode
     cfg = apply_kwargs(cfg, overrides, ("Model", "Global", "Train", "Predict"))
     if model is not None and model.device.type == "cpu":
         model = model.to(main_device(cfg["Global"]["device"]))
-    return AnomalyDetector(cfg, model, meta)
+    return AnomalyDetector(cfg, model, meta, model_dir)

@@ -16,7 +16,7 @@ from .errors import UadkitError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="uadkit", description="Unsupervised visual anomaly detection (train on good images only).",
-        epilog="modes: check_dataset, train, evaluate, predict, demo.  Example: uadkit -c configs/STFPM.yaml "
+        epilog="modes: check_dataset, train, evaluate, predict, export, demo.  Example: uadkit -c configs/STFPM.yaml "
                "-o Global.mode=train -o Global.dataset_dir=DIR")
     p.add_argument("-c", "--config", help="YAML config file (e.g. configs/STFPM.yaml)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
@@ -57,7 +57,8 @@ def run_predict(cfg: dict, inputs: Any = None) -> list[str]:
     inputs = inputs if inputs is not None else p["input"]
     if not inputs:
         raise UadkitError("Predict.input: no input given (an image, folder or URL)")
-    det = create_model(model_dir=_model_dir(cfg, "Predict"), device=cfg["Global"]["device"])
+    det = create_model(model_dir=_model_dir(cfg, "Predict"), device=cfg["Global"]["device"],
+                       run_mode=p["run_mode"])
     out = os.path.join(cfg["Global"]["output"], "predict")
     summary = []
     for res in det.predict(inputs, batch_size=p["batch_size"], threshold=p["threshold"]):
@@ -72,6 +73,15 @@ def run_predict(cfg: dict, inputs: Any = None) -> list[str]:
     n_bad = sum(s["pred_label"] == "anomalous" for s in summary)
     print(f"{len(summary)} images, {n_bad} anomalous; results in {out}")
     return [s["input_path"] for s in summary]
+
+
+def run_export(cfg: dict) -> str:
+    from .api import create_model
+
+    det = create_model(model_dir=_model_dir(cfg, "Export"))
+    path = det.export(cfg["Export"]["opset"])
+    print(f"exported {det.name} to {path}")
+    return path
 
 
 def run_demo(cfg: dict) -> None:
@@ -96,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = cfg["Global"]["mode"]
         if mode == "check_dataset":
             return run_check_dataset(cfg)
-        {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "demo": run_demo}[mode](cfg)
+        {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "export": run_export,
+         "demo": run_demo}[mode](cfg)
         return 0
     except UadkitError as e:
         print(f"uadkit: error: {e}", file=sys.stderr)

@@ -15,7 +15,9 @@ import yaml
 
 from .errors import UadkitError
 
-MODES = ("check_dataset", "train", "evaluate", "predict", "demo")
+MODES = ("check_dataset", "train", "evaluate", "predict", "export", "demo")
+
+RUN_MODES = ("torch", "onnxruntime")
 
 COMMON: dict[str, dict[str, Any]] = {
     "Global": {
@@ -46,9 +48,12 @@ COMMON: dict[str, dict[str, Any]] = {
         "calibration": {"quantile": 0.99, "margin": 0.1},
         "resume_path": None,
         "save_interval": 0,        # epochs between extra checkpoints; 0 = only last and best
+        "export": True,            # write best_model/inference (ONNX) at the end of training
     },
     "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6},
-    "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True},
+    "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True,
+                "run_mode": "torch"},
+    "Export": {"model_dir": None, "opset": 17},
 }
 
 
@@ -202,6 +207,9 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
 
     backbone_info(m["backbone"])
     model_class(g["model"]).check_config(m)
+    if cfg["Predict"]["run_mode"] not in RUN_MODES:
+        raise UadkitError(f"config key 'Predict.run_mode': expected one of {', '.join(RUN_MODES)}, "
+                          f"got {cfg['Predict']['run_mode']!r}")
     dev = str(g["device"])
     if not (dev == "cpu" or dev.startswith(("gpu", "cuda"))):
         raise UadkitError(f"config key 'Global.device': expected cpu, gpu, gpu:0 or gpu:0,1, got {dev!r}")

@@ -100,9 +100,9 @@ def load_model_dir(path: str) -> tuple[AnomalyModel, dict[str, Any]]:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches: a different config or uadkit version wrote it
+        reason = str(e).splitlines()[-1].strip()
         raise UadkitError(f"{os.path.join(path, WEIGHTS)}: weights do not fit a {meta['model']} with the config in "
-                          f"{META} (saved by uadkit {meta.get('uadkit_version', '?')}): {str(e).splitlines()[-1].strip()}"
-                          ) from e
+                          f"{META} (saved by uadkit {meta.get('uadkit_version', '?')}): {reason}") from e
     if missing or unexpected:
         raise UadkitError(f"{os.path.join(path, WEIGHTS)}: weights do not fit a {meta['model']} with this config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -225,6 +225,12 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict) -> dict[str, Any]
              cal["image_threshold"], cal["pixel_threshold"])
     best_dir = save_model_dir(model, os.path.join(out, "best_model"),
                               extra={"trained_on": os.path.abspath(index.root), "calibration_info": cal})
+    exported = None
+    if cfg["Train"]["export"]:
+        from .export import export_onnx
+
+        exported = export_onnx(model, best_dir, cfg["Export"]["opset"])
+        model.to(device)
     result = {
         "done_flag": True,
         "model": model.name,
@@ -234,7 +240,7 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict) -> dict[str, Any]
         "calibration": cal,
         "summary": model.summary(),
         "train": info,
-        "models": {"best_model": best_dir,
+        "models": {"best_model": best_dir, "inference": exported,
                    "last": os.path.abspath(os.path.join(out, "checkpoints", "last")) if model.trainable else None},
         "config": os.path.abspath(os.path.join(out, "config.yaml")),
         "log": os.path.abspath(os.path.join(out, "train.log")),

@@ -1,0 +1,62 @@
+"""ONNX export of the full scoring path, and prediction through ONNX Runtime."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from uadkit import create_model
+from uadkit.cli import main
+from uadkit.engine.checkpoint import load_model_dir
+from uadkit.engine.export import OnnxModel
+
+# Stated tolerance: normalised scores and maps agree to 1e-4; raw values to 1e-4 relative.
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["STFPM", "PaDiM", "PatchCore"])
+def exported(request, demo_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp(f"exp_{request.param}"))
+    det = create_model(request.param, input_size=[64, 64])
+    det.train(dataset_dir=demo_dir, output=out, epochs_iters=2)  # Train.export is on: exported after training
+    return det
+
+
+def test_training_exports_graph_and_metadata(exported):
+    folder = os.path.join(exported.model_dir, "inference")
+    info = yaml.safe_load(open(os.path.join(folder, "inference.yml")))
+    assert info["model"] == exported.name and info["input_size"] == [64, 64]
+    assert info["outputs"] == ["raw_map", "raw_score", "norm_map", "norm_score"]
+    assert info["calibration"]["image_threshold"] == pytest.approx(float(exported.model.calibration[0]))
+
+
+def test_onnxruntime_equals_torch(exported):
+    model, _ = load_model_dir(exported.model_dir)
+    onnx = OnnxModel(exported.model_dir)
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # batch 3: the batch axis is dynamic
+    with torch.no_grad():
+        ref = model.scores(x)
+    got = onnx.scores(x)
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape
+        assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
+
+
+def test_predict_run_mode_onnxruntime_matches_torch(exported, demo_dir):
+    a = list(create_model(model_dir=exported.model_dir).predict(os.path.join(demo_dir, "test"), batch_size=4))
+    b = list(create_model(model_dir=exported.model_dir, run_mode="onnxruntime").predict(
+        os.path.join(demo_dir, "test"), batch_size=4))
+    assert [r["input_path"] for r in a] == [r["input_path"] for r in b]
+    assert np.allclose([r["pred_score"] for r in a], [r["pred_score"] for r in b], atol=TOL)
+    assert all(np.abs(x["anomaly_map"] - y["anomaly_map"]).max() < 1e-3 for x, y in zip(a, b))
+
+
+def test_cli_export_mode_rewrites_inference_folder(trained, tmp_path):
+    best = os.path.join(trained, "best_model")
+    rc = main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=export", "-o", f"Export.model_dir={best}"])
+    assert rc == 0 and os.path.isfile(os.path.join(best, "inference", "model.onnx"))
+    assert not [d for d in os.listdir(best) if d.startswith(".")]  # no temp folders left
+    rc = main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=export", "-o", f"Export.model_dir={tmp_path}"])
+    assert rc == 2
