@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from .api import AnomalyDetector, create_model  # noqa: E402
+from .pipeline import create_pipeline  # noqa: E402
 
-__all__ = ["AnomalyDetector", "create_model", "__version__"]
+__all__ = ["AnomalyDetector", "create_model", "create_pipeline", "__version__"]

@@ -101,9 +101,14 @@ class AnomalyDetector:
         if not self.is_trained:
             raise UadkitError(f"this {self.name} model is not trained: call train(dataset_dir=...) first, "
                               "or create_model(model_dir=...) to load a trained one")
+        return self.predictor(threshold)(inputs, batch_size=batch_size)
+
+    def predictor(self, threshold: float | None = None) -> Predictor:
+        if not self.is_trained:
+            raise UadkitError(f"this {self.name} model is not trained: call train(dataset_dir=...) first, "
+                              "or create_model(model_dir=...) to load a trained one")
         thr = threshold if threshold is not None else self.cfg["Predict"]["threshold"]
-        device = main_device(self.cfg["Global"]["device"])
-        return Predictor(self.scorer(), device, thr)(inputs, batch_size=batch_size)
+        return Predictor(self.scorer(), main_device(self.cfg["Global"]["device"]), thr)
 
     def scorer(self):
         """What runs the scoring path: the torch model, or its exported graph under ONNX Runtime."""

@@ -22,7 +22,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
                    help="override a config value (repeatable); values are YAML-typed")
     p.add_argument("--version", action="version", version=f"uadkit {__version__}")
+    g = p.add_argument_group("pipeline and service")
+    g.add_argument("--pipeline", help="run a pipeline: 'anomaly_detection' or a pipeline YAML file")
+    g.add_argument("--input", help="image, folder or URL for --pipeline")
+    g.add_argument("--model_dir", help="trained model folder for --pipeline / --serve")
+    g.add_argument("--save_path", default="output/pipeline", help="where --pipeline writes results")
+    g.add_argument("--serve", action="store_true", help="serve the pipeline over HTTP (with a web page)")
+    g.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, help="port (default 8080)")
+    g.add_argument("--allow-url-fetch", action="store_true",
+                   help="let requests name http(s) image URLs (only hosts given with --url-allow-host)")
+    g.add_argument("--url-allow-host", action="append", default=[], metavar="HOST")
     return p
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import AnomalyDetectionPipeline, load_pipeline_config
+
+    cfg = load_pipeline_config(args.pipeline or "anomaly_detection")
+    if args.model_dir:
+        cfg["SubModules"]["AnomalyDetection"]["model_dir"] = args.model_dir
+    if args.allow_url_fetch:
+        cfg["Serving"]["allow_url_fetch"] = True
+    cfg["Serving"]["url_allow_hosts"] = list(cfg["Serving"]["url_allow_hosts"]) + args.url_allow_host
+    pipe = AnomalyDetectionPipeline(cfg)
+    if args.serve:
+        from .serving.app import serve
+
+        serve(pipe, args.host, args.port)
+        return 0
+    if not args.input:
+        raise UadkitError("--pipeline needs --input IMG_OR_DIR (or --serve)")
+    for res in pipe.predict(args.input):
+        res.print(json_format=False)
+        res.save_to_img(args.save_path)
+        res.save_to_json(args.save_path)
+    return 0
 
 
 def _model_dir(cfg: dict, section: str) -> str:
@@ -102,6 +137,8 @@ def run_demo(cfg: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.pipeline or args.serve:
+            return run_pipeline(args)
         cfg = load_config(args.config, args.override)
         mode = cfg["Global"]["mode"]
         if mode == "check_dataset":

@@ -70,12 +70,15 @@ class Predictor:
             pred_mask=(s.norm_map >= self.threshold).astype(np.uint8),
         )
 
+    def run(self, sources: Sequence[ImageSource], images: Sequence[np.ndarray]) -> list[AnomalyResult]:
+        """Score already-loaded images as one batch."""
+        scored = score_images(self.model, list(images), self.device, with_raw=False)
+        return [self.result(src, im, sc) for src, im, sc in zip(sources, images, scored)]
+
     def __call__(self, inputs, batch_size: int = 1) -> Iterator[AnomalyResult]:
         if batch_size < 1:
             raise UadkitError(f"batch_size: expected a positive integer, got {batch_size}")
         sources = resolve_sources(inputs)
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
-            images = [s.load() for s in chunk]
-            for src, im, sc in zip(chunk, images, score_images(self.model, images, self.device, with_raw=False)):
-                yield self.result(src, im, sc)
+            yield from self.run(chunk, [s.load() for s in chunk])

@@ -1,0 +1,87 @@
+"""Pipelines: a YAML that names the models to run; `create_pipeline("anomaly_detection", model_dir=...)`."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+
+from .errors import UadkitError
+from .inference.result import AnomalyResult
+
+PIPELINES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pipelines")
+DEFAULTS: dict[str, Any] = {
+    "pipeline_name": "anomaly_detection",
+    "SubModules": {"AnomalyDetection": {"model_dir": None, "batch_size": 1, "run_mode": "torch",
+                                        "threshold": None, "device": "cpu"}},
+    "Serving": {"host": "127.0.0.1", "port": 8080, "max_body_mb": 20, "max_pixels": 40_000_000,
+                "decode_timeout_s": 10, "max_batch": 8, "batch_wait_ms": 5, "allow_url_fetch": False,
+                "url_allow_hosts": [], "url_timeout_s": 10, "url_max_mb": 20},
+}
+
+
+def load_pipeline_config(name_or_path: str) -> dict[str, Any]:
+    path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(
+        PIPELINES_DIR, f"{name_or_path}.yaml")
+    cfg = copy.deepcopy(DEFAULTS)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        for section, values in data.items():
+            if section not in cfg:
+                raise UadkitError(f"{path}: unknown pipeline section '{section}'; expected {', '.join(cfg)}")
+            if isinstance(values, dict):
+                for k, v in values.items():
+                    target = cfg[section]
+                    if k not in target:
+                        raise UadkitError(f"{path}: unknown key '{section}.{k}'")
+                    if isinstance(v, dict):
+                        unknown = set(v) - set(target[k])
+                        if unknown:
+                            raise UadkitError(f"{path}: unknown keys {sorted(unknown)} in '{section}.{k}'")
+                        target[k].update(v)
+                    else:
+                        target[k] = v
+            else:
+                cfg[section] = values
+    elif name_or_path != "anomaly_detection":
+        raise UadkitError(f"unknown pipeline '{name_or_path}': expected 'anomaly_detection' or a pipeline YAML file")
+    if cfg["pipeline_name"] != "anomaly_detection":
+        raise UadkitError(f"pipeline_name: only 'anomaly_detection' exists, got {cfg['pipeline_name']!r}")
+    return cfg
+
+
+class AnomalyDetectionPipeline:
+    """Runs the anomaly detection model on any inputs and yields the same AnomalyResult objects."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from .api import create_model
+
+        sub = cfg["SubModules"]["AnomalyDetection"]
+        if not sub["model_dir"]:
+            raise UadkitError("pipeline: SubModules.AnomalyDetection.model_dir is not set (--model_dir DIR)")
+        self.cfg = cfg
+        self.detector = create_model(model_dir=sub["model_dir"], device=sub["device"], run_mode=sub["run_mode"])
+        self.batch_size = int(sub["batch_size"])
+        self.threshold = sub["threshold"]
+
+    def predict(self, inputs: Any, batch_size: int | None = None) -> Iterator[AnomalyResult]:
+        return self.detector.predict(inputs, batch_size=batch_size or self.batch_size, threshold=self.threshold)
+
+    __call__ = predict
+
+
+def create_pipeline(pipeline: str = "anomaly_detection", model_dir: str | None = None, **sub_overrides: Any):
+    """`create_pipeline("anomaly_detection", model_dir="output/best_model")` or a pipeline YAML path."""
+    cfg = load_pipeline_config(pipeline)
+    sub = cfg["SubModules"]["AnomalyDetection"]
+    if model_dir is not None:
+        sub["model_dir"] = str(model_dir)
+    for k, v in sub_overrides.items():
+        if k not in sub:
+            raise UadkitError(f"create_pipeline: unknown setting '{k}'; expected one of {', '.join(sub)}")
+        sub[k] = v
+    return AnomalyDetectionPipeline(cfg)

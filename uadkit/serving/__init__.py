@@ -1,0 +1,1 @@
+"""HTTP service: `uadkit --serve --pipeline anomaly_detection --model_dir DIR`."""
