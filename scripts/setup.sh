@@ -13,4 +13,12 @@ pip install -q --disable-pip-version-check "${UADKIT_TORCH:-torch==2.13.0}" 2>&1
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # The web page test drives Debian's Chromium (playwright cannot download a browser here).
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: chromium not installed; the web page test will be skipped (CI installs it)"
+  fi
+fi
 python -c "import torch, uadkit; print('uadkit', uadkit.__version__, '| torch', torch.__version__)"
