@@ -1,3 +1,5 @@
 from uadkit.cli import entry
 
-entry()
+# Guarded: worker processes started with "spawn" re-import this module and must not rerun the CLI.
+if __name__ == "__main__":
+    entry()

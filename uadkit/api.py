@@ -6,6 +6,7 @@ It runs the same code as the CLI: both build a config, then call the engine and 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from .config import load_config, schema_for, validate
 from .data.formats import load_index
 from .engine.checkpoint import load_model_dir, save_model_dir
 from .engine.device import main_device
+from .engine.distributed import in_torchrun, init_from_env, requested_world, spawn
 from .errors import UadkitError
 from .inference.predictor import Predictor
 from .inference.result import AnomalyResult
@@ -86,7 +88,20 @@ class AnomalyDetector:
         self.cfg = cfg
         index = load_index(cfg["Global"]["dataset_dir"], cfg["Train"]["val_split"], cfg["Global"]["seed"])
         require_valid(index)
-        result = run_training(self.model, index, cfg)
+        world = requested_world(cfg)
+        if in_torchrun():  # launched by torchrun: this process is one rank of the job
+            ctx = init_from_env(cfg)
+            result = run_training(self.model, index, cfg, ctx)
+            ctx.barrier()
+            if not ctx.is_main:
+                return {"done_flag": True, "rank": ctx.rank}
+        elif world > 1:
+            spawn(_train_worker, cfg, world)
+            with open(os.path.join(cfg["Global"]["output"], "train_result.json"), encoding="utf-8") as f:
+                result = json.load(f)
+            self._model, self.meta = load_model_dir(result["models"]["best_model"])
+        else:
+            result = run_training(self.model, index, cfg)
         self.model_dir, self._onnx = result["models"]["best_model"], None
         return result
 
@@ -96,12 +111,14 @@ class AnomalyDetector:
         self.model_dir, self._onnx = save_model_dir(self.model, path), None
         return self.model_dir
 
-    def predict(self, inputs: Any, batch_size: int = 1, threshold: float | None = None) -> Iterator[AnomalyResult]:
-        """Yield one AnomalyResult per image. Inputs: path, folder, URL, uint8 array, or a list of these."""
+    def predict(self, inputs: Any, batch_size: int = 1, threshold: float | None = None,
+                num_workers: int = 0) -> Iterator[AnomalyResult]:
+        """Yield one AnomalyResult per image. Inputs: path, folder, URL, uint8 array, or a list of these.
+        `num_workers` > 0 decodes images in loader worker processes (large folders)."""
         if not self.is_trained:
             raise UadkitError(f"this {self.name} model is not trained: call train(dataset_dir=...) first, "
                               "or create_model(model_dir=...) to load a trained one")
-        return self.predictor(threshold)(inputs, batch_size=batch_size)
+        return self.predictor(threshold)(inputs, batch_size=batch_size, num_workers=num_workers)
 
     def predictor(self, threshold: float | None = None) -> Predictor:
         if not self.is_trained:
@@ -142,6 +159,17 @@ class AnomalyDetector:
         if not self.is_trained:
             raise UadkitError(f"this {self.name} model is not trained; nothing to evaluate")
         return evaluate(self.model, cfg)
+
+
+def _train_worker(cfg: dict[str, Any], ctx) -> None:
+    """One spawned rank: build its own model copy and data index, then join the shared trainer."""
+    from .data.formats import load_index
+    from .engine.trainer import train
+
+    model = build_model(cfg["Global"]["model"], cfg["Model"], pretrained=True)
+    index = load_index(cfg["Global"]["dataset_dir"], cfg["Train"]["val_split"], cfg["Global"]["seed"])
+    train(model, index, cfg, ctx)
+    ctx.barrier()
 
 
 def create_model(model_name: str | None = None, model_dir: str | None = None, config: str | None = None,

@@ -85,29 +85,73 @@ def run_evaluate(cfg: dict) -> dict[str, Any]:
     return evaluate(model, cfg)
 
 
-def run_predict(cfg: dict, inputs: Any = None) -> list[str]:
+def _predict_shard(cfg: dict, ctx) -> list[dict[str, Any]] | None:
+    """Predict this process's share of the inputs (every world-th); rank 0 returns all, in input order."""
     from .api import create_model
+    from .data.image_io import resolve_sources
+    from .engine.distributed import SINGLE
 
+    ctx = ctx or SINGLE
     p = cfg["Predict"]
-    inputs = inputs if inputs is not None else p["input"]
-    if not inputs:
-        raise UadkitError("Predict.input: no input given (an image, folder or URL)")
-    det = create_model(model_dir=_model_dir(cfg, "Predict"), device=cfg["Global"]["device"],
+    device = str(ctx.device) if ctx.active and ctx.device.type == "cuda" else cfg["Global"]["device"]
+    det = create_model(model_dir=_model_dir(cfg, "Predict"), device=device.replace("cuda", "gpu"),
                        run_mode=p["run_mode"])
+    sources = resolve_sources(p["input"])
+    mine = [sources[i] for i in ctx.shard(list(range(len(sources))))]
     out = os.path.join(cfg["Global"]["output"], "predict")
     summary = []
-    for res in det.predict(inputs, batch_size=p["batch_size"], threshold=p["threshold"]):
-        res.print(json_format=False)
+    for res in det.predict(mine, batch_size=p["batch_size"], threshold=p["threshold"],
+                           num_workers=p["num_workers"]) if mine else []:
+        if not ctx.active:
+            res.print(json_format=False)
         if p["save_images"]:
             res.save_to_img(out)
         res.save_to_json(out)
         summary.append({k: res[k] for k in ("input_path", "pred_score", "pred_label", "raw_score")})
+    if not ctx.active:
+        return summary
+    import torch.distributed as dist
+
+    parts = [None] * ctx.world if ctx.is_main else None
+    dist.gather_object(summary, parts, dst=0)
+    if not ctx.is_main:
+        return None
+    merged: list[Any] = [None] * len(sources)
+    for r, part in enumerate(parts):
+        merged[r::ctx.world] = part
+    _write_summary(cfg, merged)
+    return merged
+
+
+def _write_summary(cfg: dict, summary: list[dict[str, Any]]) -> None:
     from .data.image_io import write_text_atomic
 
+    out = os.path.join(cfg["Global"]["output"], "predict")
+    os.makedirs(out, exist_ok=True)
     write_text_atomic(os.path.join(out, "predict_result.json"), json.dumps(summary, indent=2))
     n_bad = sum(s["pred_label"] == "anomalous" for s in summary)
     print(f"{len(summary)} images, {n_bad} anomalous; results in {out}")
-    return [s["input_path"] for s in summary]
+
+
+def run_predict(cfg: dict, inputs: Any = None) -> list[str]:
+    from .engine.distributed import in_torchrun, init_from_env, requested_world, spawn
+
+    p = cfg["Predict"]
+    if inputs is not None:
+        p["input"] = inputs
+    if not p["input"]:
+        raise UadkitError("Predict.input: no input given (an image, folder or URL)")
+    if in_torchrun():
+        ctx = init_from_env(cfg)
+        summary = _predict_shard(cfg, ctx)
+    elif requested_world(cfg) > 1:  # shard the inputs over N processes / devices
+        spawn(_predict_shard, cfg, requested_world(cfg))
+        with open(os.path.join(cfg["Global"]["output"], "predict", "predict_result.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    else:
+        summary = _predict_shard(cfg, None)
+        _write_summary(cfg, summary)
+    return [s["input_path"] for s in summary or []]
 
 
 def run_export(cfg: dict) -> str:

@@ -27,7 +27,8 @@ COMMON: dict[str, dict[str, Any]] = {
         "output": "output",
         "device": "cpu",
         "seed": 42,
-        "num_processes": 1,
+        "num_processes": 1,        # CPU: train with N gloo processes (GPUs: one per device in Global.device)
+        "dist_timeout_s": 600,     # a collective waiting longer than this fails the job instead of hanging
     },
     "CheckDataset": {
         "convert": {"enable": False, "src_dataset_type": None},
@@ -52,7 +53,7 @@ COMMON: dict[str, dict[str, Any]] = {
     },
     "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6},
     "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True,
-                "run_mode": "torch"},
+                "run_mode": "torch", "num_workers": 0},
     "Export": {"model_dir": None, "opset": 17},
 }
 

@@ -136,6 +136,7 @@ class FeatureExtractor(nn.Module):
             raise UadkitError(f"Model.layers: stages {unknown or stages} do not exist in '{name}'; "
                               f"expected some of {list(self.trunk.stage_channels)}")
         self.stages = list(stages)
+        self.trunk.truncate(self.stages)
         if pretrained:
             load_pretrained(self.trunk, name, pretrained_path)
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)

@@ -101,6 +101,16 @@ class EfficientNetLite(nn.Module):
             self._bn1 = nn.BatchNorm2d(head_channels, eps=BN_EPS)
             self._fc = nn.Linear(head_channels, num_classes)
 
+    def truncate(self, stages: list[str]) -> None:
+        """Drop blocks after the last wanted stage (and the head): unused, they only cost memory."""
+        last = max(i for i, st in enumerate(self.block_stage) if f"stage{st + 1}" in stages)
+        self._blocks = self._blocks[: last + 1]
+        self.block_stage = self.block_stage[: last + 1]
+        self.with_head = False
+        for name in ("_conv_head", "_bn1", "_fc"):
+            if hasattr(self, name):
+                delattr(self, name)
+
     def forward_stages(self, x: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
         wanted = set(stages)
         last_block = {f"stage{st + 1}": i for i, st in enumerate(self.block_stage)}

@@ -74,6 +74,14 @@ class ResNet(nn.Module):
         if with_head:
             self.fc = nn.Linear(cin, 1000)
 
+    def truncate(self, stages: list[str]) -> None:
+        """Drop layers after the last wanted stage (and the head)."""
+        last = max(int(s[-1]) for s in stages)
+        for i in range(last + 1, 5):
+            delattr(self, f"layer{i}")
+        if hasattr(self, "fc"):
+            del self.fc
+
     def forward_stages(self, x: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
         wanted = set(stages)
         stop = max(int(s[-1]) for s in wanted)

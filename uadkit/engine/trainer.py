@@ -27,13 +27,15 @@ from ..models import AnomalyModel
 from .calibration import CALIBRATION_KEYS, calibrate
 from .checkpoint import load_train_state, save_model_dir
 from .device import main_device
+from .distributed import SINGLE, DistContext
 
 log = logging.getLogger("uadkit")
 TEACHER_CACHE_LIMIT = 4 * 1024**3  # bytes of cached targets before falling back to recomputing them
 
 
-def setup_logging(output: str | None) -> None:
-    log.setLevel(logging.INFO)
+def setup_logging(output: str | None, main_process: bool = True) -> None:
+    # Only rank 0 logs progress and writes train.log: N processes must not print N copies.
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
     for h in list(log.handlers):
         if isinstance(h, logging.FileHandler):
             log.removeHandler(h)
@@ -42,7 +44,7 @@ def setup_logging(output: str | None) -> None:
         sh = logging.StreamHandler()
         sh.setFormatter(logging.Formatter("[uadkit] %(message)s"))
         log.addHandler(sh)
-    if output:
+    if output and main_process:
         os.makedirs(output, exist_ok=True)
         fh = logging.FileHandler(os.path.join(output, "train.log"), encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -65,24 +67,39 @@ def _loader(samples: list[Sample], model: AnomalyModel, batch_size: int, workers
                       num_workers=workers)
 
 
+class _Loss(torch.nn.Module):
+    """training_loss as a forward(), so DistributedDataParallel can see the call and sync gradients."""
+
+    def __init__(self, model: AnomalyModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, targets: list[torch.Tensor] | None) -> torch.Tensor:
+        return self.model.training_loss(images, targets)
+
+
 def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
-              workers: int) -> float | None:
+              workers: int, ctx: DistContext) -> float | None:
     if not samples:
         return None
     model.eval()
     total, n = 0.0, 0
+    mine = [samples[i] for i in ctx.shard(list(range(len(samples))))]
     with torch.no_grad():
-        for images, _ in _loader(samples, model, batch_size, workers):
+        for images, _ in (_loader(mine, model, batch_size, workers) if mine else []):
             images = images.to(device)
             total += float(model.training_loss(images, None)) * len(images)
             n += len(images)
+    total, n = ctx.sum(total, n)
     return total / n
 
 
 def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str,
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device, ctx: DistContext = SINGLE) -> dict[str, Any]:
     t = cfg["Train"]
     epochs, bs, workers = t["epochs_iters"], t["batch_size"], t["num_workers"]
+    if bs < ctx.world:
+        raise UadkitError(f"Train.batch_size {bs} is the global batch: it must be >= the {ctx.world} processes")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=t["learning_rate"], momentum=t["momentum"], weight_decay=t["weight_decay"])
     start, history, best = 0, [], {"epoch": None, "val_loss": math.inf, "state": None}
@@ -102,12 +119,20 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     if t.get("cache_teacher"):
         cache = {}
     model.to(device)
+    loss_fn: torch.nn.Module = _Loss(model)
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[device] if device.type == "cuda" else None)
     steps = math.ceil(len(ds) / bs)
     for epoch in range(start, epochs):
         model.train()
         running, seen = 0.0, 0
-        bar = tqdm(_batches(len(ds), bs, True, gen), total=steps, desc=f"epoch {epoch + 1}/{epochs}",
-                   unit="batch", dynamic_ncols=True, disable=None, leave=False)
+        # Every rank draws the same global batches and takes its own slice of each one; a tail batch with
+        # fewer images than processes is dropped so every rank always has work (and DDP never waits).
+        batches = [ctx.shard(b) for b in _batches(len(ds), bs, True, gen) if len(b) >= ctx.world]
+        bar = tqdm(batches, total=min(steps, len(batches)), desc=f"epoch {epoch + 1}/{epochs}",
+                   unit="batch", dynamic_ncols=True, disable=None if ctx.is_main else True, leave=False)
         for ids in bar:
             if cache is not None and all(i in cache for i in ids):
                 images = torch.stack([cache[i][0] for i in ids]).to(device).float() / 255
@@ -123,7 +148,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
                                         [x[j].detach().cpu() for x in targets])
                     else:
                         cache = None
-            loss = model.training_loss(images, targets)
+            loss = loss_fn(images, targets)
             if not torch.isfinite(loss):
                 raise UadkitError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); "
                                   "lower Train.learning_rate")
@@ -134,8 +159,9 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
             seen += len(ids)
             bar.set_postfix(loss=f"{running / seen:.4f}")
         bar.close()
+        running, seen = ctx.sum(running, seen)
         train_loss = running / max(seen, 1)
-        val_loss = _val_loss(model, index.val, device, bs, workers)
+        val_loss = _val_loss(model, index.val, device, bs, workers, ctx)
         history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 6),
                         "val_loss": None if val_loss is None else round(val_loss, 6)})
         log.info("epoch %d/%d  train_loss %.5f%s", epoch + 1, epochs, train_loss,
@@ -146,7 +172,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
                     "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
         last = epoch + 1 == epochs
         interval = t.get("save_interval") or 0
-        if last or (interval and (epoch + 1) % interval == 0):
+        if ctx.is_main and (last or (interval and (epoch + 1) % interval == 0)):
             state = {"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history}
             save_model_dir(model, os.path.join(out, "checkpoints", "last"), train_state=state)
             if interval and (epoch + 1) % interval == 0:
@@ -192,31 +218,63 @@ def calibrate_model(model: AnomalyModel, samples: list[Sample], cfg: dict, devic
     return cal
 
 
-def train(model: AnomalyModel, index: DatasetIndex, cfg: dict) -> dict[str, Any]:
-    """Train/fit, calibrate, save best_model/; writes train.log, config.yaml and train_result.json."""
+def fit_distributed(model: AnomalyModel, index: DatasetIndex, cfg: dict, device: torch.device,
+                    ctx: DistContext) -> dict[str, Any] | None:
+    """One pass for memory-bank/statistical models. With several processes each rank extracts features
+    for its slice of every batch and rank 0 gathers them back in sample order, so it fits exactly the
+    rows a single process would."""
+    model.to(device).eval()  # a fit pass is feature extraction: BatchNorm must use its running statistics
+    ds = ImageDataset(index.train, model.input_size)
+    bs = cfg["Train"]["batch_size"]
+    groups = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
+
+    def features():
+        for ids in tqdm(groups, desc="fitting", unit="batch", dynamic_ncols=True,
+                        disable=None if ctx.is_main else True):
+            mine = ctx.shard(ids)
+            with torch.no_grad():
+                part = model.features(torch.stack([ds[i][0] for i in mine]).to(device)) if mine else None
+            if not ctx.active:
+                yield part
+                continue
+            full = ctx.gather_in_order(part, len(ids))
+            if ctx.is_main:
+                yield full.to(device)
+
+    if ctx.is_main:
+        return model.fit(features())
+    for _ in features():  # the other ranks only extract and send
+        pass
+    return None
+
+
+def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext = SINGLE) -> dict[str, Any] | None:
+    """Train/fit, calibrate, save best_model/; writes train.log, config.yaml and train_result.json.
+
+    With several processes every rank trains; rank 0 alone calibrates and writes; others return None."""
     out = cfg["Global"]["output"]
-    os.makedirs(out, exist_ok=True)
-    setup_logging(out)
+    setup_logging(out, ctx.is_main)
     if not index.train:
         raise UadkitError(f"Global.dataset_dir '{index.root}': no good training images found")
     seed_everything(cfg["Global"]["seed"])
-    device = main_device(cfg["Global"]["device"])
+    device = ctx.device if ctx.active else main_device(cfg["Global"]["device"])
     result_path = os.path.join(out, "train_result.json")
-    write_text_atomic(os.path.join(out, "config.yaml"), dump_config(cfg))
-    log.info("%s on %s (%s): %d train, %d val, %d test images; device %s", model.name, index.root, index.type,
-             len(index.train), len(index.val), len(index.test), device)
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
+        write_text_atomic(os.path.join(out, "config.yaml"), dump_config(cfg))
+    log.info("%s on %s (%s): %d train, %d val, %d test images; device %s%s", model.name, index.root, index.type,
+             len(index.train), len(index.val), len(index.test), device,
+             f" x {ctx.world} processes" if ctx.active else "")
     for note in index.notes:
         log.info(note)
     t0 = time.time()
     if model.trainable:
-        info = train_gradient(model, index, cfg, out, device)
+        info = train_gradient(model, index, cfg, out, device, ctx)
     else:
-        model.to(device).eval()  # a fit pass is feature extraction: BatchNorm must use its running statistics
-        loader = _loader(index.train, model, cfg["Train"]["batch_size"], cfg["Train"]["num_workers"])
-        bar = tqdm(loader, desc="fitting", unit="batch", dynamic_ncols=True, disable=None)
-        batches = (images.to(device) for images, _ in bar)
-        info = model.fit(batches)
+        info = fit_distributed(model, index, cfg, device, ctx)
     fit_s = time.time() - t0
+    if not ctx.is_main:
+        return None
     cal_samples = index.val or index.train
     if not index.val:
         log.warning("no validation images: calibrating on the training images (thresholds will be optimistic)")

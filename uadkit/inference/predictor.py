@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from ..data.image_io import ImageSource, prepare_image, resolve_sources
 from ..errors import UadkitError
@@ -75,10 +76,34 @@ class Predictor:
         scored = score_images(self.model, list(images), self.device, with_raw=False)
         return [self.result(src, im, sc) for src, im, sc in zip(sources, images, scored)]
 
-    def __call__(self, inputs, batch_size: int = 1) -> Iterator[AnomalyResult]:
+    def __call__(self, inputs, batch_size: int = 1, num_workers: int = 0) -> Iterator[AnomalyResult]:
+        """Results in input order. `num_workers` > 0 decodes images in that many loader processes."""
         if batch_size < 1:
             raise UadkitError(f"batch_size: expected a positive integer, got {batch_size}")
-        sources = resolve_sources(inputs)
+        sources = resolve_sources(inputs) if not _is_source_list(inputs) else inputs
+        if num_workers > 0:
+            loader = DataLoader(_SourceDataset(sources), batch_size=batch_size, num_workers=num_workers,
+                                collate_fn=list)
+            for items in loader:
+                yield from self.run([s for s, _ in items], [im for _, im in items])
+            return
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
             yield from self.run(chunk, [s.load() for s in chunk])
+
+
+def _is_source_list(inputs) -> bool:
+    return isinstance(inputs, list) and bool(inputs) and all(isinstance(s, ImageSource) for s in inputs)
+
+
+class _SourceDataset(Dataset):
+    """Loads (decodes) images in DataLoader worker processes; the model stays in the main process."""
+
+    def __init__(self, sources: list[ImageSource]) -> None:
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[ImageSource, np.ndarray]:
+        return self.sources[i], self.sources[i].load()

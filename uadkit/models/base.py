@@ -87,8 +87,12 @@ class AnomalyModel(nn.Module):
     def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
-        """One pass over good-image batches (memory-bank and statistical models)."""
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What `fit` learns from, per image batch (the engine computes it, possibly over several processes)."""
+        raise NotImplementedError
+
+    def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
+        """One pass over `features(images)` of good-image batches (memory-bank and statistical models)."""
         raise NotImplementedError
 
     @property

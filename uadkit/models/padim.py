@@ -70,11 +70,14 @@ class PaDiM(AnomalyModel):
         return F.interpolate(m.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(images)
+
+    def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
         s1 = s2 = None
         n = 0
-        for images in batches:
-            e = self.embed(images.to(self.mean.device)).double()
+        for e in features:
+            e = e.to(self.mean.device).double()
             b, d, h, w = e.shape
             x = e.permute(2, 3, 0, 1).reshape(h * w, b, d)  # (P, B, d)
             s1 = x.sum(1) if s1 is None else s1 + x.sum(1)

@@ -113,6 +113,9 @@ class PatchCore(AnomalyModel):
         b, c, h, w = e.shape
         return e.permute(0, 2, 3, 1).reshape(b, h * w, c), (h, w)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(images)[0]
+
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self.memory_bank) == 0:
             raise UadkitError("PatchCore has an empty memory bank: fit it on good images first")
@@ -144,7 +147,7 @@ class PatchCore(AnomalyModel):
         return gaussian_blur(amap, self.smoothing_sigma), score
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
+    def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
         ratio, group = self.cfg["coreset_ratio"], self.cfg["coreset_group"]
         proj, cap = self.cfg["projection_dim"], self.cfg["max_bank_size"]
         kept: list[torch.Tensor] = []
@@ -156,10 +159,9 @@ class PatchCore(AnomalyModel):
                 return rows
             return rows[greedy_coreset(rows, max(1, round(len(rows) * ratio)), proj, seed)]
 
-        for images in batches:
-            emb, _ = self.embed(images.to(self.memory_bank.device))
+        for emb in features:
             pending.append(emb.reshape(-1, emb.shape[-1]).cpu())
-            n_images += len(images)
+            n_images += len(emb)
             n_patches += emb.shape[0] * emb.shape[1]
             if sum(len(p) for p in pending) >= group * emb.shape[1]:
                 rows = torch.cat(pending)

@@ -1,0 +1,92 @@
+"""Several processes on torch.distributed (gloo, CPU, loopback): same results as one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from uadkit import create_model
+from uadkit.engine.checkpoint import load_model_dir
+
+# Stated tolerance: with N processes each BatchNorm sees 1/N of the global batch, so per-epoch losses may
+# differ from one process's by a few percent; everything else (data order, global batch, optimiser) is equal.
+LOSS_RTOL = 0.05
+
+
+def _train(name, demo_dir, out, n, **kw):
+    return create_model(name, input_size=[64, 64]).train(dataset_dir=demo_dir, output=str(out), num_processes=n,
+                                                          **kw)
+
+
+def test_two_processes_follow_the_single_process_loss_curve(demo_dir, tmp_path):
+    one = _train("STFPM", demo_dir, tmp_path / "one", 1, epochs_iters=3, batch_size=8)
+    two = _train("STFPM", demo_dir, tmp_path / "two", 2, epochs_iters=3, batch_size=8)
+    a = [h["train_loss"] for h in one["train"]["history"]]
+    b = [h["train_loss"] for h in two["train"]["history"]]
+    assert np.allclose(a, b, rtol=LOSS_RTOL), (a, b)
+    log = open(tmp_path / "two" / "train.log").read()
+    assert all(log.count(f"epoch {k}/3 ") == 1 for k in (1, 2, 3))  # one writer, no duplicated lines
+    assert "x 2 processes" in log
+    assert os.listdir(tmp_path / "two" / "checkpoints") == ["last"]
+    model, _ = load_model_dir(str(tmp_path / "two" / "best_model"))
+    assert bool(model.is_calibrated)
+
+
+def test_distributed_fit_gathers_the_same_memory_bank(demo_dir, tmp_path):
+    _train("PatchCore", demo_dir, tmp_path / "one", 1, batch_size=4)
+    _train("PatchCore", demo_dir, tmp_path / "two", 2, batch_size=4)
+    a, _ = load_model_dir(str(tmp_path / "one" / "best_model"))
+    b, _ = load_model_dir(str(tmp_path / "two" / "best_model"))
+    assert a.memory_bank.shape == b.memory_bank.shape
+    # same rows; float sums differ in the last digits because each rank runs with fewer threads
+    assert np.allclose(np.sort(a.memory_bank.numpy(), 0), np.sort(b.memory_bank.numpy(), 0), atol=1e-4)
+
+
+def _cli(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_dead_worker_stops_the_job_with_a_clear_error(demo_dir, tmp_path):
+    r = _cli("-c", "configs/STFPM.yaml", "-o", f"Global.dataset_dir={demo_dir}", "-o", f"Global.output={tmp_path}",
+             "-o", "Model.input_size=[64,64]", "-o", "Global.num_processes=2", env={"UADKIT_FAULT_RANK": "1"},
+             timeout=180)  # the timeout is the "does not hang" check
+    assert r.returncode == 2 and "rank 1" in r.stderr and "job stopped" in r.stderr
+    assert not os.path.exists(tmp_path / "best_model")
+
+
+def test_torchrun_launch_trains_once(demo_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "main.py", "-c", "configs/PaDiM.yaml", "-o", "Global.mode=train",
+                        "-o", f"Global.dataset_dir={demo_dir}", "-o", f"Global.output={tmp_path}",
+                        "-o", "Model.input_size=[64,64]"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(tmp_path / "train_result.json"))
+    from uadkit.data.formats import load_index
+
+    assert res["done_flag"] and res["train"]["images"] == len(load_index(demo_dir, 0.1, 42).train)
+    assert open(tmp_path / "train.log").read().count("calibration") == 1
+
+
+def test_sharded_prediction_is_complete_and_not_duplicated(trained, demo_dir, tmp_path):
+    base = ["-c", "configs/STFPM.yaml", "-o", "Global.mode=predict", "-o", f"Predict.model_dir={trained}/best_model",
+            "-o", f"Predict.input={demo_dir}/test", "-o", "Predict.save_images=false"]
+    r = _cli(*base, "-o", f"Global.output={tmp_path}/two", "-o", "Global.num_processes=2",
+             "-o", "Predict.num_workers=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.load(open(tmp_path / "two" / "predict" / "predict_result.json"))
+    ref = list(create_model(model_dir=os.path.join(trained, "best_model")).predict(os.path.join(demo_dir, "test")))
+    assert [s["input_path"] for s in two] == [x["input_path"] for x in ref]  # all, once, in order
+    assert np.allclose([s["pred_score"] for s in two], [x["pred_score"] for x in ref], atol=1e-5)
+    files = [f for f in os.listdir(tmp_path / "two" / "predict") if f.endswith("_res.json")]
+    assert len(files) == len({os.path.splitext(os.path.basename(x["input_path"]))[0] for x in ref})
+
+
+def test_batch_size_smaller_than_processes_is_refused(demo_dir, tmp_path):
+    from uadkit.errors import UadkitError
+
+    with pytest.raises(UadkitError, match="must be >= the 2 processes"):
+        _train("STFPM", demo_dir, tmp_path, 2, epochs_iters=1, batch_size=1)

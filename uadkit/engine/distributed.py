@@ -1,0 +1,138 @@
+"""Several processes on PyTorch's own engine (torch.distributed): gloo on CPU, nccl on GPUs.
+
+- `Global.num_processes=N` on CPU, or `Global.device=gpu:0,1`, makes the CLI/API spawn one worker per
+  process/device on this machine (rendezvous on 127.0.0.1, a free port).
+- Under `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR in the environment) each process joins that group
+  instead, so the same command scales to several machines.
+A crashed worker ends the whole job with an error naming the rank; collectives time out after
+`Global.dist_timeout_s` rather than hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..errors import UadkitError
+from .device import parse_devices
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def shard(self, ids: list[int]) -> list[int]:
+        """This rank's part of a list of sample indices (every world-th, starting at rank)."""
+        return ids[self.rank::self.world]
+
+    def sum(self, *values: float) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather_in_order(self, part: torch.Tensor, n_total: int) -> torch.Tensor | None:
+        """Inverse of `shard`: rows from every rank back in the original sample order, on rank 0."""
+        if not self.active:
+            return part
+        parts: list[Any] = [None] * self.world if self.is_main else None
+        dist.gather_object(part.cpu(), parts, dst=0)
+        if not self.is_main:
+            return None
+        out = torch.empty((n_total, *part.shape[1:]), dtype=part.dtype)
+        for r, p in enumerate(parts):
+            out[r::self.world] = p
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+SINGLE = DistContext()
+
+
+def requested_world(cfg: dict) -> int:
+    devices = str(cfg["Global"]["device"])
+    if devices.startswith(("gpu", "cuda")) and "," in devices:
+        return len(devices.split(":", 1)[1].split(","))
+    return int(cfg["Global"]["num_processes"]) if devices == "cpu" else 1
+
+
+def in_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_env(cfg: dict) -> DistContext:
+    """Join the process group torchrun (or our spawner) described in the environment."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    devices = parse_devices(cfg["Global"]["device"])
+    gpu = devices[0].type == "cuda"
+    device = devices[local % len(devices)] if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=cfg["Global"]["dist_timeout_s"]))
+    if not gpu:
+        # N processes share the cores: give each its slice rather than N x all of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return DistContext(rank, world, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable[[dict, DistContext], Any], cfg: dict) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    ctx = init_from_env(cfg)
+    if os.environ.get("UADKIT_FAULT_RANK") == str(rank):  # fault injection, to test that a dead worker stops the job
+        os._exit(3)
+    try:
+        fn(cfg, ctx)
+    except UadkitError:
+        raise
+    except Exception as e:  # keep the traceback: the parent only sees the message
+        raise RuntimeError(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}") from e
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable[[dict, DistContext], Any], cfg: dict, world: int) -> None:
+    """Run fn(cfg, ctx) in `world` local processes; any worker failing stops them all."""
+    try:
+        mp.spawn(_worker, args=(world, _free_port(), fn, cfg), nprocs=world, join=True)
+    except mp.ProcessRaisedException as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith(("RuntimeError: rank", "uadkit.errors.UadkitError"))),
+                   lines[-1] if lines else str(e))
+        raise UadkitError(f"a worker process failed (rank {e.error_index}), job stopped: {why}") from e
+    except mp.ProcessExitedException as e:
+        raise UadkitError(f"a worker process died (exit code {e.exit_code}, rank {e.error_index}); "
+                          "job stopped") from e
