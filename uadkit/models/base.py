@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import FeatureExtractor
+
 LN19 = math.log(19.0)  # sigmoid(-ln 19) = 0.05: the median good image lands at a normalised 0.05
 
 
@@ -55,6 +57,23 @@ class AnomalyModel(nn.Module):
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
         """Raise UadkitError naming the `Model.*` key whose value this model cannot use."""
+
+    def frozen_backbone(self, default_stages: tuple[str, ...], pretrained: bool) -> FeatureExtractor:
+        """The configured backbone with ImageNet weights, frozen; `Model.layers` falls back to the defaults."""
+        layers = list(self.cfg.get("layers") or default_stages)
+        self.cfg["layers"] = layers
+        fe = FeatureExtractor(self.cfg["backbone"], layers, pretrained=pretrained,
+                              pretrained_path=self.cfg.get("pretrained_path"))
+        fe.requires_grad_(False)
+        fe.frozen = True
+        return fe.eval()
+
+    def train(self, mode: bool = True) -> AnomalyModel:
+        super().train(mode)
+        for m in self.modules():  # frozen parts keep their BatchNorm running statistics, always
+            if getattr(m, "frozen", False):
+                m.eval()
+        return self
 
     # -- scoring -------------------------------------------------------------------------------------
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:

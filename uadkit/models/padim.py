@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backbones import FeatureExtractor, backbone_info
+from ..backbones import backbone_info
 from ..errors import UadkitError
 from .base import AnomalyModel
 
@@ -34,14 +34,7 @@ class PaDiM(AnomalyModel):
     def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
         super().__init__(model_cfg)
         self.check_config(model_cfg)
-        name = model_cfg["backbone"]
-        layers = model_cfg.get("layers") or list(backbone_info(name).stfpm_stages)
-        self.cfg["layers"] = list(layers)
-        self.backbone = FeatureExtractor(name, layers, pretrained=pretrained,
-                                         pretrained_path=model_cfg.get("pretrained_path"))
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone.eval()
+        self.backbone = self.frozen_backbone(backbone_info(model_cfg["backbone"]).stfpm_stages, pretrained)
         total = sum(self.backbone.channels)
         d = min(int(model_cfg["feature_dim"]), total)
         # A fixed random channel subset (seeded): PaDiM's cheap alternative to PCA.
@@ -50,11 +43,6 @@ class PaDiM(AnomalyModel):
         h, w = (s // self.backbone.strides[0] for s in self.input_size)
         self.register_buffer("mean", torch.zeros(h * w, d))
         self.register_buffer("inv_cov", torch.zeros(h * w, d, d))
-
-    def train(self, mode: bool = True) -> PaDiM:
-        super().train(mode)
-        self.backbone.eval()
-        return self
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(images)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backbones import FeatureExtractor, backbone_info
+from ..backbones import backbone_info
 from ..errors import UadkitError
 from .base import AnomalyModel
 
@@ -90,20 +90,8 @@ class PatchCore(AnomalyModel):
     def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
         super().__init__(model_cfg)
         self.check_config(model_cfg)
-        name = model_cfg["backbone"]
-        layers = model_cfg.get("layers") or list(backbone_info(name).patch_stages)
-        self.cfg["layers"] = list(layers)
-        self.backbone = FeatureExtractor(name, layers, pretrained=pretrained,
-                                         pretrained_path=model_cfg.get("pretrained_path"))
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone.eval()
+        self.backbone = self.frozen_backbone(backbone_info(model_cfg["backbone"]).patch_stages, pretrained)
         self.register_buffer("memory_bank", torch.zeros(0, sum(self.backbone.channels)))
-
-    def train(self, mode: bool = True) -> PatchCore:
-        super().train(mode)
-        self.backbone.eval()
-        return self
 
     def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
         self.memory_bank = torch.zeros_like(state["memory_bank"])

@@ -37,20 +37,8 @@ class STFPM(AnomalyModel):
     def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
         super().__init__(model_cfg)
         self.check_config(model_cfg)
-        name = model_cfg["backbone"]
-        layers = model_cfg.get("layers") or list(backbone_info(name).stfpm_stages)
-        self.cfg["layers"] = list(layers)
-        self.teacher = FeatureExtractor(name, layers, pretrained=pretrained,
-                                        pretrained_path=model_cfg.get("pretrained_path"))
-        self.student = FeatureExtractor(name, layers, pretrained=False)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True) -> STFPM:
-        super().train(mode)
-        self.teacher.eval()  # frozen: its BatchNorm statistics must never move
-        return self
+        self.teacher = self.frozen_backbone(backbone_info(model_cfg["backbone"]).stfpm_stages, pretrained)
+        self.student = FeatureExtractor(model_cfg["backbone"], self.cfg["layers"], pretrained=False)
 
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
         dists = stage_distances(self.teacher(images), self.student(images))
