@@ -96,3 +96,12 @@ def test_bad_model_settings():
         create_model("PatchCore", coreset_ratio=0)
     with pytest.raises(UadkitError, match="unknown setting 'coreset_ratio'"):
         create_model("PaDiM", coreset_ratio=0.1)
+
+
+def test_patchcore_bank_is_capped_while_fitting(demo_dir, tmp_path):
+    m = create_model("PatchCore", input_size=[64, 64], coreset_group=2, coreset_ratio=0.5, max_bank_size=100)
+    info = m.train(dataset_dir=demo_dir, output=str(tmp_path), batch_size=2)["train"]
+    dims = info["memory_bank"][1]
+    assert info["memory_bank"][0] == 100
+    # one group of raw patches (2 images x 64 patches) + at most 2 x cap kept rows, never the whole data
+    assert info["peak_feature_mb"] <= (2 * 64 + 2 * 100 + 64) * dims * 4 / 1e6

@@ -201,3 +201,11 @@ def test_untrained_and_wrong_model_dir_errors(tmp_path):
         create_model(model_dir=str(tmp_path / "nope"))
     with pytest.raises(UadkitError, match="unknown model"):
         create_model("NoSuchModel")
+
+
+def test_same_seed_same_training(demo_dir, tmp_path):
+    runs = [create_model("STFPM", input_size=[64, 64]).train(dataset_dir=demo_dir, output=str(tmp_path / str(i)),
+                                                             epochs_iters=2, seed=7, export=False)
+            for i in range(2)]
+    assert runs[0]["train"]["history"] == runs[1]["train"]["history"]
+    assert runs[0]["calibration"]["image_threshold"] == runs[1]["calibration"]["image_threshold"]
