@@ -75,6 +75,7 @@ class AnomalyDetector:
     def train(self, dataset_dir: str | None = None, **overrides: Any) -> dict[str, Any]:
         """Train (or fit) on `dataset_dir`, calibrate, save `<output>/best_model`; returns train_result."""
         from .data.check import require_valid
+        from .engine.trainer import seed_everything
         from .engine.trainer import train as run_training
 
         if dataset_dir is not None:
@@ -83,9 +84,10 @@ class AnomalyDetector:
         if not cfg["Global"]["dataset_dir"]:
             raise UadkitError("Global.dataset_dir: no dataset given "
                               "(train(dataset_dir=...) or -o Global.dataset_dir=DIR)")
-        if cfg["Model"] != self.cfg["Model"] or self._model is None or self.is_trained:
-            self._model = build_model(self.name, cfg["Model"], pretrained=True)
         self.cfg = cfg
+        # Seed, then build: the student's random initial weights are part of what the seed fixes.
+        seed_everything(cfg["Global"]["seed"])
+        self._model = build_model(self.name, cfg["Model"], pretrained=True)
         index = load_index(cfg["Global"]["dataset_dir"], cfg["Train"]["val_split"], cfg["Global"]["seed"])
         require_valid(index)
         world = requested_world(cfg)
@@ -164,8 +166,9 @@ class AnomalyDetector:
 def _train_worker(cfg: dict[str, Any], ctx) -> None:
     """One spawned rank: build its own model copy and data index, then join the shared trainer."""
     from .data.formats import load_index
-    from .engine.trainer import train
+    from .engine.trainer import seed_everything, train
 
+    seed_everything(cfg["Global"]["seed"])
     model = build_model(cfg["Global"]["model"], cfg["Model"], pretrained=True)
     index = load_index(cfg["Global"]["dataset_dir"], cfg["Train"]["val_split"], cfg["Global"]["seed"])
     train(model, index, cfg, ctx)
