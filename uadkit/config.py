@@ -208,6 +208,7 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
 
     backbone_info(m["backbone"])
     model_class(g["model"]).check_config(m)
+    model_class(g["model"]).check_train_config(t)
     if cfg["Predict"]["run_mode"] not in RUN_MODES:
         raise UadkitError(f"config key 'Predict.run_mode': expected one of {', '.join(RUN_MODES)}, "
                           f"got {cfg['Predict']['run_mode']!r}")

@@ -102,6 +102,9 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         raise UadkitError(f"Train.batch_size {bs} is the global batch: it must be >= the {ctx.world} processes")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=t["learning_rate"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+    # Cosine decay to zero over the run: at a constant 0.4 the student keeps jumping between epochs.
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+             if t.get("lr_scheduler", "none") == "cosine" else None)
     start, history, best = 0, [], {"epoch": None, "val_loss": math.inf, "state": None}
     if t["resume_path"]:
         from .checkpoint import load_model_dir
@@ -109,6 +112,8 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         state = load_train_state(t["resume_path"])
         model.load_state_dict(resumed.state_dict())
         opt.load_state_dict(state["optimizer"])
+        if sched is not None and "scheduler" in state:
+            sched.load_state_dict(state["scheduler"])
         start, history = int(state["epoch"]), list(state.get("history", []))
         log.info("resumed from %s at epoch %d", t["resume_path"], start)
     gen = torch.Generator().manual_seed(cfg["Global"]["seed"])
@@ -159,10 +164,13 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
             seen += len(ids)
             bar.set_postfix(loss=f"{running / seen:.4f}")
         bar.close()
+        if sched is not None:
+            sched.step()
         running, seen = ctx.sum(running, seen)
         train_loss = running / max(seen, 1)
         val_loss = _val_loss(model, index.val, device, bs, workers, ctx)
-        history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 6),
+        history.append({"epoch": epoch + 1, "lr": round(opt.param_groups[0]["lr"], 6),
+                        "train_loss": round(train_loss, 6),
                         "val_loss": None if val_loss is None else round(val_loss, 6)})
         log.info("epoch %d/%d  train_loss %.5f%s", epoch + 1, epochs, train_loss,
                  "" if val_loss is None else f"  val_loss {val_loss:.5f}")
@@ -173,7 +181,8 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         last = epoch + 1 == epochs
         interval = t.get("save_interval") or 0
         if ctx.is_main and (last or (interval and (epoch + 1) % interval == 0)):
-            state = {"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history}
+            state = {"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                     **({"scheduler": sched.state_dict()} if sched is not None else {})}
             save_model_dir(model, os.path.join(out, "checkpoints", "last"), train_state=state)
             if interval and (epoch + 1) % interval == 0:
                 save_model_dir(model, os.path.join(out, "checkpoints", f"epoch_{epoch + 1}"), train_state=state)

@@ -58,6 +58,10 @@ class AnomalyModel(nn.Module):
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
         """Raise UadkitError naming the `Model.*` key whose value this model cannot use."""
 
+    @classmethod
+    def check_train_config(cls, train_cfg: dict[str, Any]) -> None:
+        """Raise UadkitError naming the `Train.*` key whose value this model cannot use."""
+
     def frozen_backbone(self, default_stages: tuple[str, ...], pretrained: bool) -> FeatureExtractor:
         """The configured backbone with ImageNet weights, frozen; `Model.layers` falls back to the defaults."""
         layers = list(self.cfg.get("layers") or default_stages)

@@ -25,8 +25,14 @@ class STFPM(AnomalyModel):
     name = "STFPM"
     trainable = True
     model_defaults = {"anomaly_map_mode": "product"}
-    train_defaults = {"epochs_iters": 50, "batch_size": 8, "learning_rate": 0.4, "momentum": 0.9,
-                      "weight_decay": 1e-4, "cache_teacher": True}
+    train_defaults = {"epochs_iters": 30, "batch_size": 8, "learning_rate": 0.4, "momentum": 0.9,
+                      "weight_decay": 1e-4, "lr_scheduler": "cosine", "cache_teacher": True}
+
+    @classmethod
+    def check_train_config(cls, train_cfg: dict[str, Any]) -> None:
+        if train_cfg["lr_scheduler"] not in ("cosine", "none"):
+            raise UadkitError(f"config key 'Train.lr_scheduler': expected cosine or none, "
+                              f"got {train_cfg['lr_scheduler']!r}")
 
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
