@@ -26,6 +26,8 @@ def test_train_outputs(trained):
     assert len(res["train"]["history"]) == 6
     losses = [h["train_loss"] for h in res["train"]["history"]]
     assert losses[-1] < losses[0]  # the student learns
+    lrs = [h["lr"] for h in res["train"]["history"]]
+    assert lrs[0] == 0.4 and all(a > b for a, b in zip(lrs, lrs[1:]))  # cosine decay
     cfg = yaml.safe_load(open(os.path.join(trained, "config.yaml")))
     assert cfg["Train"]["epochs_iters"] == 6 and cfg["Model"]["input_size"] == [128, 128]
     log = open(os.path.join(trained, "train.log")).read()

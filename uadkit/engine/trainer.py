@@ -133,6 +133,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     for epoch in range(start, epochs):
         model.train()
         running, seen = 0.0, 0
+        lr_used = opt.param_groups[0]["lr"]
         # Every rank draws the same global batches and takes its own slice of each one; a tail batch with
         # fewer images than processes is dropped so every rank always has work (and DDP never waits).
         batches = [ctx.shard(b) for b in _batches(len(ds), bs, True, gen) if len(b) >= ctx.world]
@@ -169,7 +170,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         running, seen = ctx.sum(running, seen)
         train_loss = running / max(seen, 1)
         val_loss = _val_loss(model, index.val, device, bs, workers, ctx)
-        history.append({"epoch": epoch + 1, "lr": round(opt.param_groups[0]["lr"], 6),
+        history.append({"epoch": epoch + 1, "lr": round(lr_used, 6),
                         "train_loss": round(train_loss, 6),
                         "val_loss": None if val_loss is None else round(val_loss, 6)})
         log.info("epoch %d/%d  train_loss %.5f%s", epoch + 1, epochs, train_loss,
