@@ -53,6 +53,9 @@ def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
             # trace would use batch statistics in BatchNorm (and update the running ones).
             torch.onnx.export(_Scoring(model).eval(), (dummy,), os.path.join(tmp, "model.onnx"), input_names=["images"],
                               output_names=OUTPUTS, opset_version=opset, dynamo=False,
+                              # no folding: it would store PatchCore's bank twice (as is and transposed);
+                              # ONNX Runtime folds constants itself when it loads the graph
+                              do_constant_folding=False,
                               dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}})
         info: dict[str, Any] = {
             "model": model.name, "uadkit_version": __version__, "input_size": list(model.input_size),

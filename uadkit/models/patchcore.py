@@ -4,7 +4,7 @@ A test patch's anomaly score is its distance to the nearest bank entry. Fitting 
 images in groups: each group's patches are reduced by greedy k-center selection before the next group
 is read, and the kept rows are reduced again to `max_bank_size` whenever they pass twice that. So fitting
 holds at most (coreset_group x patches per image + 2 x max_bank_size) x feature dims x 4 bytes, however
-many images there are (defaults, Lite0 at 256 px: (32 x 1024 + 400000) x 152 x 4 B = 263 MB).
+many images there are (defaults, Lite0 at 320 px: (16 x 1600 + 400000) x 152 x 4 B = 259 MB).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 64, seed: int = 0) -
     """Indices of `n` rows of `x` chosen by greedy k-center (farthest-point) selection.
 
     Distances are computed in a random projection to `proj_dim` dimensions (Johnson-Lindenstrauss),
-    which keeps each step one matrix-vector product over the candidates. 64 dimensions keep a group of
-    32 images' patches (32k x 64 floats) in cache: 5x faster than 128 on the reference 2-core machine.
+    which keeps each step one matrix-vector product over the candidates. 64 dimensions keep a group's
+    patches (e.g. 16 images x 1600 patches x 64 floats = 6.5 MB) in cache: 5x faster than 128 dimensions
+    on the reference 2-core machine.
     """
     n = min(n, len(x))
     g = torch.Generator().manual_seed(seed)
@@ -74,8 +75,10 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
 class PatchCore(AnomalyModel):
     name = "PatchCore"
     trainable = False
-    model_defaults = {"coreset_ratio": 0.1, "coreset_group": 32, "projection_dim": 64, "num_neighbors": 9,
-                      "max_bank_size": 200000}
+    # 320 px and groups of 16 images: measured on mvtec_screw (2 cores) at image AUROC 0.968, pixel 0.9945,
+    # fit 46 s; 256 px gave 0.934 / 0.993; groups of 32 at 320 px took 68 s.
+    model_defaults = {"input_size": [320, 320], "coreset_ratio": 0.1, "coreset_group": 16, "projection_dim": 64,
+                      "num_neighbors": 9, "max_bank_size": 200000}
     train_defaults = {"batch_size": 8}
 
     @classmethod
