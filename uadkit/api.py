@@ -85,12 +85,13 @@ class AnomalyDetector:
             raise UadkitError("Global.dataset_dir: no dataset given "
                               "(train(dataset_dir=...) or -o Global.dataset_dir=DIR)")
         self.cfg = cfg
-        # Seed, then build: the student's random initial weights are part of what the seed fixes.
-        seed_everything(cfg["Global"]["seed"])
-        self._model = build_model(self.name, cfg["Model"], pretrained=True)
         index = load_index(cfg["Global"]["dataset_dir"], cfg["Train"]["val_split"], cfg["Global"]["seed"])
         require_valid(index)
         world = requested_world(cfg)
+        if world == 1 or in_torchrun():
+            # Seed, then build: the student's random initial weights are part of what the seed fixes.
+            seed_everything(cfg["Global"]["seed"])
+            self._model = build_model(self.name, cfg["Model"], pretrained=True)
         if in_torchrun():  # launched by torchrun: this process is one rank of the job
             ctx = init_from_env(cfg)
             result = run_training(self.model, index, cfg, ctx)
@@ -117,9 +118,6 @@ class AnomalyDetector:
                 num_workers: int = 0) -> Iterator[AnomalyResult]:
         """Yield one AnomalyResult per image. Inputs: path, folder, URL, uint8 array, or a list of these.
         `num_workers` > 0 decodes images in loader worker processes (large folders)."""
-        if not self.is_trained:
-            raise UadkitError(f"this {self.name} model is not trained: call train(dataset_dir=...) first, "
-                              "or create_model(model_dir=...) to load a trained one")
         return self.predictor(threshold)(inputs, batch_size=batch_size, num_workers=num_workers)
 
     def predictor(self, threshold: float | None = None) -> Predictor:

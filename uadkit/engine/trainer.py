@@ -271,7 +271,6 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     result_path = os.path.join(out, "train_result.json")
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
-        write_text_atomic(os.path.join(out, "config.yaml"), dump_config(cfg))
     log.info("%s on %s (%s): %d train, %d val, %d test images; device %s%s", model.name, index.root, index.type,
              len(index.train), len(index.val), len(index.test), device,
              f" x {ctx.world} processes" if ctx.active else "")
@@ -313,6 +312,8 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         "config": os.path.abspath(os.path.join(out, "config.yaml")),
         "log": os.path.abspath(os.path.join(out, "train.log")),
     }
+    # Written with the model, not before: a failed run leaves the previous config and results in place.
+    write_text_atomic(os.path.join(out, "config.yaml"), dump_config(cfg))
     write_text_atomic(result_path, json.dumps(result, indent=2))
     log.info("done in %.1f s; best model: %s", fit_s, best_dir)
     return result
