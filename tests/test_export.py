@@ -45,7 +45,8 @@ def test_onnxruntime_equals_torch(exported):
 
 
 def test_predict_run_mode_onnxruntime_matches_torch(exported, demo_dir):
-    a = list(create_model(model_dir=exported.model_dir).predict(os.path.join(demo_dir, "test"), batch_size=4))
+    a = list(create_model(model_dir=exported.model_dir, run_mode="torch").predict(
+        os.path.join(demo_dir, "test"), batch_size=4))
     b = list(create_model(model_dir=exported.model_dir, run_mode="onnxruntime").predict(
         os.path.join(demo_dir, "test"), batch_size=4))
     assert [r["input_path"] for r in a] == [r["input_path"] for r in b]

@@ -53,7 +53,8 @@ COMMON: dict[str, dict[str, Any]] = {
     },
     "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6},
     "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True,
-                "run_mode": "torch", "num_workers": 0},
+                # onnxruntime measured faster than torch for every model at equal results (bench_runtime.py)
+                "run_mode": "onnxruntime", "num_workers": 0},
     "Export": {"model_dir": None, "opset": 17},
 }
 

@@ -15,7 +15,7 @@ from .inference.result import AnomalyResult
 PIPELINES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pipelines")
 DEFAULTS: dict[str, Any] = {
     "pipeline_name": "anomaly_detection",
-    "SubModules": {"AnomalyDetection": {"model_dir": None, "batch_size": 1, "run_mode": "torch",
+    "SubModules": {"AnomalyDetection": {"model_dir": None, "batch_size": 1, "run_mode": "onnxruntime",
                                         "threshold": None, "device": "cpu"}},
     "Serving": {"host": "127.0.0.1", "port": 8080, "max_body_mb": 20, "max_pixels": 40_000_000,
                 "decode_timeout_s": 10, "max_batch": 8, "batch_wait_ms": 5, "allow_url_fetch": False,

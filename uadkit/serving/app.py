@@ -179,11 +179,12 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
         buf = io.BytesIO()
         res.overlay_image().convert("RGB").save(buf, format="JPEG", quality=90)
         h, w = res["pred_mask"].shape
-        return {"logId": log_id, "errorCode": 0, "errorMsg": "Success",
-                "result": {"labelMap": res["pred_mask"].ravel().tolist(), "size": [h, w],
-                           "image": base64.b64encode(buf.getvalue()).decode(),
-                           "score": res["pred_score"], "label": res["pred_label"],
-                           "threshold": res["threshold"]}}
+        # JSONResponse directly: FastAPI's default encoder would walk the h*w labelMap list in Python.
+        return JSONResponse({"logId": log_id, "errorCode": 0, "errorMsg": "Success",
+                             "result": {"labelMap": res["pred_mask"].ravel().tolist(), "size": [h, w],
+                                        "image": base64.b64encode(buf.getvalue()).decode(),
+                                        "score": res["pred_score"], "label": res["pred_label"],
+                                        "threshold": res["threshold"]}})
 
     @app.get("/health")
     async def health():
