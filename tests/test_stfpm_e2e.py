@@ -49,12 +49,15 @@ def test_cli_predict_writes_parseable_results_and_defects_score_higher(trained, 
     bad = [s["pred_score"] for s in summary if "/good/" not in s["input_path"]]
     assert np.mean(bad) > np.mean(good)
     for s in summary:
-        stem = os.path.splitext(os.path.basename(s["input_path"]))[0]
+        stem = os.path.relpath(os.path.splitext(s["input_path"])[0], f"{demo_dir}/test").replace(os.sep, "_")
         assert 0.0 <= s["pred_score"] <= 1.0
         assert s["pred_label"] == ("anomalous" if s["pred_score"] >= 0.5 else "normal")
         assert os.path.isfile(os.path.join(out, "predict", f"{stem}_overlay.png"))
+    # one set of files per input even where file names repeat across folders (good/000, scratch/000, ...)
+    assert len([f for f in os.listdir(os.path.join(out, "predict")) if f.endswith("_overlay.png")]) == len(summary)
     # a per-image JSON with a mask that decodes to the image size and a map file beside it
-    one = json.load(open(os.path.join(out, "predict", "000_res.json")))["res"]
+    one = json.load(open(os.path.join(out, "predict", "stain_000_res.json")))["res"]
+    assert one["input_path"].endswith(os.path.join("stain", "000.png"))
     assert decode_rle(one["pred_mask"]).shape == (128, 128)
     amap = np.load(os.path.join(out, "predict", one["anomaly_map"]["file"]))
     assert amap.shape == (128, 128) and 0 <= amap.min() and amap.max() <= 1

@@ -172,7 +172,7 @@ def run_demo(cfg: dict) -> None:
         g["dataset_dir"] = os.path.join(g["output"], "demo_data")
         if not os.path.isdir(os.path.join(g["dataset_dir"], "train", "good")):
             print(f"making a demo dataset in {g['dataset_dir']}")
-            make_demo_dataset(g["dataset_dir"])
+            make_demo_dataset(g["dataset_dir"], n_val=24)
     run_train(cfg)
     run_evaluate(cfg)
     run_predict(cfg, os.path.join(g["dataset_dir"], "test"))

@@ -52,8 +52,9 @@ def _defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np.nd
 
 
 def make_demo_dataset(root: str | os.PathLike, n_train: int = 40, n_test_good: int = 8,
-                      n_test_defect: int = 6, size: int = 256, seed: int = 0) -> str:
-    """Write train/good, test/good, test/<defect> and ground_truth/<defect>/*_mask.png under `root`."""
+                      n_test_defect: int = 6, size: int = 256, seed: int = 0, n_val: int = 0) -> str:
+    """Write train/good, test/good, test/<defect> and ground_truth/<defect>/*_mask.png under `root`,
+    and validation/good when `n_val` > 0 (calibration wants a few dozen good images it was not fitted on)."""
     root = str(root)
     rng = np.random.default_rng(seed)
     for sub in ["train/good", "test/good"] + [f"test/{d}" for d in DEFECTS] + [f"ground_truth/{d}" for d in DEFECTS]:
@@ -62,6 +63,10 @@ def make_demo_dataset(root: str | os.PathLike, n_train: int = 40, n_test_good: i
         Image.fromarray(_fabric(rng, size)).save(os.path.join(root, "train/good", f"{i:03d}.png"))
     for i in range(n_test_good):
         Image.fromarray(_fabric(rng, size)).save(os.path.join(root, "test/good", f"{i:03d}.png"))
+    if n_val:
+        os.makedirs(os.path.join(root, "validation/good"), exist_ok=True)
+        for i in range(n_val):
+            Image.fromarray(_fabric(rng, size)).save(os.path.join(root, "validation/good", f"{i:03d}.png"))
     for d in DEFECTS:
         for i in range(n_test_defect):
             img, mask = _defect(rng, _fabric(rng, size), d)

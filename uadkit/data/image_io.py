@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ class ImageSource:
 
     name: str
     array: np.ndarray | None = None
+    stem: str = ""  # file-name stem for saved results; unique within one resolve_sources call
 
     def load(self) -> np.ndarray:
         return self.array if self.array is not None else load_image(self.name)
@@ -115,7 +117,9 @@ def resolve_sources(inputs: Any) -> list[ImageSource]:
                 files = list_images(name)
                 if not files:
                     raise UadkitError(f"{name}: folder has no images (expected {sorted(IMAGE_EXTS)})")
-                out.extend(ImageSource(f) for f in files)
+                # good/000.png and scratch/000.png must not save over each other: name by relative path
+                out.extend(ImageSource(f, stem=str(Path(f).relative_to(name).with_suffix("")).replace(os.sep, "_"))
+                           for f in files)
             elif os.path.isfile(name):
                 out.append(ImageSource(name))
             else:
@@ -124,6 +128,12 @@ def resolve_sources(inputs: Any) -> list[ImageSource]:
             raise UadkitError(f"input {k}: expected a path, folder, URL or numpy array, got {type(item).__name__}")
     if not out:
         raise UadkitError("no input images given")
+    seen: dict[str, int] = {}
+    for s in out:
+        base = s.stem or Path(urllib.parse.urlsplit(s.name).path if "://" in s.name else s.name).stem or "image"
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        s.stem = base if n == 0 else f"{base}_{n}"
     return out
 
 

@@ -287,6 +287,10 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     cal_samples = index.val or index.train
     if not index.val:
         log.warning("no validation images: calibrating on the training images (thresholds will be optimistic)")
+    n_good = sum(1 for s in cal_samples if not s.label)
+    if n_good < 20:
+        log.warning("calibrating on only %d good images: the decision threshold is a rough estimate; "
+                    "add a validation/good folder or more training images", n_good)
     cal = calibrate_model(model, cal_samples, cfg, device)
     log.info("calibration (%s): image threshold %.6g, pixel threshold %.6g", cal["method"],
              cal["image_threshold"], cal["pixel_threshold"])

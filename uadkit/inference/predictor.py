@@ -61,6 +61,7 @@ class Predictor:
         anomalous = s.norm_score >= self.threshold
         return AnomalyResult(
             image=image,
+            stem=source.stem or None,
             input_path=source.name,
             pred_score=round(s.norm_score, 6),
             pred_label="anomalous" if anomalous else "normal",

@@ -40,13 +40,15 @@ class AnomalyResult(dict):
     """One image's prediction. Keys: input_path, pred_score, pred_label, threshold, raw_score,
     anomaly_map (float32 HxW in [0, 1], original size), pred_mask (uint8 HxW, 1 = defect)."""
 
-    def __init__(self, image: np.ndarray | None = None, **fields: Any) -> None:
+    def __init__(self, image: np.ndarray | None = None, stem: str | None = None, **fields: Any) -> None:
         super().__init__(**fields)
         self._image = image
+        self._stem = stem
 
     @property
     def stem(self) -> str:
-        return Path(str(self["input_path"])).stem or "image"
+        """Base name of saved files: unique among the results of one predict call."""
+        return self._stem or Path(str(self["input_path"])).stem or "image"
 
     def _scalars(self) -> dict[str, Any]:
         return {k: v for k, v in self.items() if k not in ("anomaly_map", "pred_mask")}
