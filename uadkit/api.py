@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .config import load_config, schema_for, validate
+from .config import load_config, schema_for, set_key, validate
 from .data.formats import load_index
 from .engine.checkpoint import load_model_dir, save_model_dir
 from .engine.device import main_device
@@ -35,14 +35,7 @@ def apply_kwargs(cfg: dict, kwargs: dict[str, Any], prefer: tuple[str, ...]) -> 
                 raise UadkitError(f"unknown setting '{key}'; use Section.key names from the config "
                                   f"({', '.join(schema)})")
             parts = [owners[0], key]
-        node = cfg
-        for p in parts[:-1]:
-            if p not in node or not isinstance(node[p], dict):
-                raise UadkitError(f"unknown setting '{key}'")
-            node = node[p]
-        if parts[-1] not in node:
-            raise UadkitError(f"unknown setting '{key}'")
-        node[parts[-1]] = value
+        set_key(cfg, schema, parts, value)  # the config's own setter: same checks and messages as -o
     validate(cfg, schema)
     return cfg
 

@@ -105,7 +105,8 @@ def _lookup_error(schema: dict, parts: list[str]) -> UadkitError:
     return UadkitError(f"config key '{'.'.join(parts)}' is a section, not a value")
 
 
-def _set(cfg: dict, schema: dict, parts: list[str], value: Any) -> None:
+def set_key(cfg: dict, schema: dict, parts: list[str], value: Any) -> None:
+    """Set cfg[parts...] = value; a key that is not in the schema is an error naming it."""
     node, snode = cfg, schema
     for p in parts[:-1]:
         if not isinstance(snode, dict) or p not in snode or not isinstance(snode[p], dict):
@@ -126,7 +127,7 @@ def _merge_file(cfg: dict, schema: dict, data: dict, prefix: list[str]) -> None:
                 raise _lookup_error(schema, prefix + [k])
             _merge_file(cfg, schema, v, prefix + [k])
         else:
-            _set(cfg, schema, prefix + [k], v)
+            set_key(cfg, schema, prefix + [k], v)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,
@@ -153,7 +154,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     cfg = copy.deepcopy(schema)
     _merge_file(cfg, schema, data, [])
     for parts, value in parsed:
-        _set(cfg, schema, parts, value)
+        set_key(cfg, schema, parts, value)
     cfg["Global"]["model"] = schema["Global"]["model"]
     validate(cfg, schema)
     return cfg

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 import os
 import urllib.parse
 import uuid
@@ -167,8 +168,6 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
                 if len(body) > max_body:
                     raise RequestError(413, f"request body larger than {s['max_body_mb']} MB")
             try:
-                import json
-
                 payload = json.loads(body)
             except ValueError as e:
                 raise RequestError(400, "body: not valid JSON") from e
