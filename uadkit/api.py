@@ -108,17 +108,23 @@ class AnomalyDetector:
         return self.model_dir
 
     def predict(self, inputs: Any, batch_size: int = 1, threshold: float | None = None,
-                num_workers: int = 0) -> Iterator[AnomalyResult]:
+                num_workers: int = 0, on_error: str | None = None,
+                max_pixels: int | None = None) -> Iterator[AnomalyResult]:
         """Yield one AnomalyResult per image. Inputs: path, folder, URL, uint8 array, or a list of these.
-        `num_workers` > 0 decodes images in loader worker processes (large folders)."""
-        return self.predictor(threshold)(inputs, batch_size=batch_size, num_workers=num_workers)
+        `num_workers` > 0 decodes images in loader worker processes (large folders). `on_error` (default
+        Predict.on_error, "skip") goes on past bad inputs: the returned PredictRun lists them in `.failures`;
+        "stop" raises at the first. Images over `max_pixels` (Predict.max_pixels) are refused unread."""
+        p = self.cfg["Predict"]
+        return self.predictor(threshold, max_pixels)(inputs, batch_size=batch_size, num_workers=num_workers,
+                                                     on_error=on_error or p["on_error"])
 
-    def predictor(self, threshold: float | None = None) -> Predictor:
+    def predictor(self, threshold: float | None = None, max_pixels: int | None = None) -> Predictor:
         if not self.is_trained:
             raise UadkitError(f"this {self.name} model is not trained: call train(dataset_dir=...) first, "
                               "or create_model(model_dir=...) to load a trained one")
         thr = threshold if threshold is not None else self.cfg["Predict"]["threshold"]
-        return Predictor(self.scorer(), main_device(self.cfg["Global"]["device"]), thr)
+        return Predictor(self.scorer(), main_device(self.cfg["Global"]["device"]), thr,
+                         max_pixels or self.cfg["Predict"]["max_pixels"])
 
     def scorer(self):
         """What runs the scoring path: the torch model, or its exported graph under ONNX Runtime."""
@@ -142,6 +148,24 @@ class AnomalyDetector:
             raise UadkitError("export: train or load a model first")
         self._onnx = None
         return export_onnx(self.model, self.model_dir, opset or self.cfg["Export"]["opset"])
+
+    def calibrate(self, dataset_dir: str, false_alarm_rate: float | None = None, **overrides: Any) -> dict[str, Any]:
+        """Re-fit only the thresholds and scales from a folder of good images (labelled defects, when present,
+        report recall) and rewrite the model folder atomically; returns the before/after report."""
+        from .engine.calibrate import recalibrate
+        from .engine.checkpoint import load_model_dir
+
+        if not self.is_trained or not self.model_dir:
+            raise UadkitError(f"this {self.name} model is not trained and saved: nothing to calibrate")
+        overrides["Global.dataset_dir"] = str(dataset_dir)
+        overrides["Calibrate.model_dir"] = self.model_dir
+        if false_alarm_rate is not None:
+            overrides["Calibrate.false_alarm_rate"] = false_alarm_rate
+        result = recalibrate(apply_kwargs(self.cfg, overrides, ("Calibrate", "Global")))
+        self._model, self.meta = load_model_dir(self.model_dir)
+        self._model.to(main_device(self.cfg["Global"]["device"]))
+        self._onnx = None
+        return result
 
     def evaluate(self, dataset_dir: str | None = None, **overrides: Any) -> dict[str, Any]:
         from .engine.evaluate import evaluate

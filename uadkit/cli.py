@@ -16,8 +16,8 @@ from .errors import UadkitError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="uadkit", description="Unsupervised visual anomaly detection (train on good images only).",
-        epilog="modes: check_dataset, train, evaluate, predict, export, demo.  Example: uadkit -c configs/STFPM.yaml "
-               "-o Global.mode=train -o Global.dataset_dir=DIR")
+        epilog="modes: check_dataset, train, evaluate, predict, export, calibrate, demo.  "
+               "Example: uadkit -c configs/STFPM.yaml -o Global.mode=train -o Global.dataset_dir=DIR")
     p.add_argument("-c", "--config", help="YAML config file (e.g. configs/STFPM.yaml)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
                    help="override a config value (repeatable); values are YAML-typed")
@@ -45,19 +45,30 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if args.allow_url_fetch:
         cfg["Serving"]["allow_url_fetch"] = True
     cfg["Serving"]["url_allow_hosts"] = list(cfg["Serving"]["url_allow_hosts"]) + args.url_allow_host
+    if args.serve:
+        _require_serve_extra()  # before the model loads: a missing extra is one line, not a traceback
+    elif not args.input:
+        raise UadkitError("--pipeline needs --input IMG_OR_DIR (or --serve)")
     pipe = AnomalyDetectionPipeline(cfg)
     if args.serve:
         from .serving.app import serve
 
         serve(pipe, args.host, args.port)
         return 0
-    if not args.input:
-        raise UadkitError("--pipeline needs --input IMG_OR_DIR (or --serve)")
-    for res in pipe.predict(args.input):
-        res.print(json_format=False)
-        res.save_to_img(args.save_path)
-        res.save_to_json(args.save_path)
-    return 0
+    summary = []
+    run = pipe.predict(args.input)
+    for item in run.outcomes():
+        summary.append(_report(item, args.save_path, True, single=run.n_inputs == 1))
+    return _predict_status(summary, "above")
+
+
+def _require_serve_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UadkitError(f"--serve needs {' and '.join(missing)}, which come with the 'serve' extra: "
+                          "pip install -e .[serve]  (scripts/setup.sh installs it)")
 
 
 def _model_dir(cfg: dict, section: str) -> str:
@@ -96,18 +107,20 @@ def _predict_shard(cfg: dict, ctx) -> list[dict[str, Any]] | None:
     device = str(ctx.device) if ctx.active and ctx.device.type == "cuda" else cfg["Global"]["device"]
     det = create_model(model_dir=_model_dir(cfg, "Predict"), device=device.replace("cuda", "gpu"),
                        run_mode=p["run_mode"])
-    sources = resolve_sources(p["input"])
+    sources = resolve_sources(p["input"], p["max_pixels"])
     mine = [sources[i] for i in ctx.shard(list(range(len(sources))))]
     out = os.path.join(cfg["Global"]["output"], "predict")
-    summary = []
-    for res in det.predict(mine, batch_size=p["batch_size"], threshold=p["threshold"],
-                           num_workers=p["num_workers"]) if mine else []:
-        if not ctx.active:
-            res.print(json_format=False)
-        if p["save_images"]:
-            res.save_to_img(out)
-        res.save_to_json(out)
-        summary.append({k: res[k] for k in ("input_path", "pred_score", "pred_label", "raw_score")})
+    summary: list[dict[str, Any]] = []
+    run = det.predict(mine, batch_size=p["batch_size"], threshold=p["threshold"], num_workers=p["num_workers"],
+                      on_error=p["on_error"], max_pixels=p["max_pixels"]) if mine else None
+    try:
+        for item in run.outcomes() if run else []:
+            summary.append(_report(item, out, p["save_images"], single=len(sources) == 1, quiet=ctx.active))
+    except UadkitError:
+        if run and run.failures and not ctx.active:  # on_error=stop: keep what was done, then stop
+            summary.append(_failure_entry(run.failures[-1]))
+            _write_summary(cfg, summary)
+        raise
     if not ctx.active:
         return summary
     import torch.distributed as dist
@@ -123,6 +136,37 @@ def _predict_shard(cfg: dict, ctx) -> list[dict[str, Any]] | None:
     return merged
 
 
+def _failure_entry(f) -> dict[str, Any]:
+    return {"input_path": f.input_path, "pred_score": None, "pred_label": "error", "raw_score": None,
+            "error": f.error}
+
+
+def _report(item, out: str, save_images: bool, single: bool, quiet: bool = False) -> dict[str, Any]:
+    """Print and save one outcome; returns its predict_result.json entry. A failure is one line on stderr."""
+    from .inference.predictor import PredictFailure
+
+    if isinstance(item, PredictFailure):
+        print(f"uadkit: {'error' if single else 'skipped'}: {item.error}", file=sys.stderr, flush=True)
+        return _failure_entry(item)
+    if not quiet:
+        item.print(json_format=False)
+    try:
+        if save_images:
+            item.save_to_img(out)
+        item.save_to_json(out)
+    except OSError as e:
+        raise UadkitError(f"{out}: cannot write the results of {item['input_path']} ({e.strerror or e})") from e
+    return {k: item[k] for k in ("input_path", "pred_score", "pred_label", "raw_score")}
+
+
+def _predict_status(summary: list[dict[str, Any]], listed: str) -> int:
+    """0: all predicted; 1: some inputs failed (listed); 2: none could be predicted."""
+    failed = sum(1 for s in summary if s.get("error"))
+    if failed and failed == len(summary) > 1:
+        print(f"uadkit: error: none of the {failed} inputs could be predicted (listed {listed})", file=sys.stderr)
+    return 0 if not failed else 2 if failed == len(summary) else 1
+
+
 def _write_summary(cfg: dict, summary: list[dict[str, Any]]) -> None:
     from .data.image_io import write_text_atomic
 
@@ -130,10 +174,13 @@ def _write_summary(cfg: dict, summary: list[dict[str, Any]]) -> None:
     os.makedirs(out, exist_ok=True)
     write_text_atomic(os.path.join(out, "predict_result.json"), json.dumps(summary, indent=2))
     n_bad = sum(s["pred_label"] == "anomalous" for s in summary)
-    print(f"{len(summary)} images, {n_bad} anomalous; results in {out}")
+    n_failed = sum(1 for s in summary if s.get("error"))
+    failed = f", {n_failed} failed (listed in predict_result.json)" if n_failed else ""
+    print(f"{len(summary)} images, {n_bad} anomalous{failed}; results in {out}")
 
 
-def run_predict(cfg: dict, inputs: Any = None) -> list[str]:
+def run_predict(cfg: dict, inputs: Any = None) -> list[dict[str, Any]]:
+    """Predict Predict.input; returns the predict_result.json entries (failures carry an "error")."""
     from .engine.distributed import in_torchrun, init_from_env, requested_world, spawn
 
     p = cfg["Predict"]
@@ -151,7 +198,20 @@ def run_predict(cfg: dict, inputs: Any = None) -> list[str]:
     else:
         summary = _predict_shard(cfg, None)
         _write_summary(cfg, summary)
-    return [s["input_path"] for s in summary or []]
+    return summary or []
+
+
+def run_calibrate(cfg: dict) -> dict[str, Any]:
+    """Re-fit only the thresholds of a trained model from Global.dataset_dir; writes calibrate_result.json."""
+    from .data.image_io import write_text_atomic
+    from .engine.calibrate import recalibrate
+    from .engine.trainer import setup_logging
+
+    setup_logging(None)
+    result = recalibrate(cfg)
+    os.makedirs(cfg["Global"]["output"], exist_ok=True)
+    write_text_atomic(os.path.join(cfg["Global"]["output"], "calibrate_result.json"), json.dumps(result, indent=2))
+    return result
 
 
 def run_export(cfg: dict) -> str:
@@ -187,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         mode = cfg["Global"]["mode"]
         if mode == "check_dataset":
             return run_check_dataset(cfg)
+        if mode == "predict":
+            out = os.path.join(cfg["Global"]["output"], "predict", "predict_result.json")
+            return _predict_status(run_predict(cfg), f"in {out}")
         {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "export": run_export,
-         "demo": run_demo}[mode](cfg)
+         "calibrate": run_calibrate, "demo": run_demo}[mode](cfg)
         return 0
     except UadkitError as e:
         print(f"uadkit: error: {e}", file=sys.stderr)

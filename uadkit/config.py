@@ -15,9 +15,17 @@ import yaml
 
 from .errors import UadkitError
 
-MODES = ("check_dataset", "train", "evaluate", "predict", "export", "demo")
+MODES = ("check_dataset", "train", "evaluate", "predict", "export", "calibrate", "demo")
 
 RUN_MODES = ("torch", "onnxruntime")
+
+# One pixel budget for every entry point (CLI, API, pipeline, service), checked from the image header before
+# decoding: about 5000 x 5000 px, a 25 MP camera. Prediction costs roughly 40 bytes of memory per pixel.
+DEFAULT_MAX_PIXELS = 25_000_000
+ON_ERROR = ("skip", "stop")
+# Keys that hold a path or an input: `-o` takes their text verbatim (not YAML), so names such as
+# "colon: space.png" or "hash #1.png" stay names. Quoted text loses its quotes; null / empty means None.
+PATH_KEYS = {"Predict.input", "Global.dataset_dir", "Global.output", "Model.pretrained_path", "Train.resume_path"}
 
 COMMON: dict[str, dict[str, Any]] = {
     "Global": {
@@ -46,7 +54,9 @@ COMMON: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "num_workers": 0,
         "val_split": 0.1,          # fraction of good training images held out for calibration
-        "calibration": {"quantile": 0.99, "margin": 0.1},
+        # The operating point: the share of good parts the stored threshold is meant to flag (see README).
+        "calibration": {"false_alarm_rate": 0.02, "estimator": "auto", "out_of_fold": True,
+                        "synthetic_images": 32},
         "resume_path": None,
         "save_interval": 0,        # epochs between extra checkpoints; 0 = only last and best
         "export": True,            # write best_model/inference (ONNX) at the end of training
@@ -54,8 +64,12 @@ COMMON: dict[str, dict[str, Any]] = {
     "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6},
     "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True,
                 # onnxruntime measured faster than torch for every model at equal results (bench_runtime.py)
-                "run_mode": "onnxruntime", "num_workers": 0},
+                "run_mode": "onnxruntime", "num_workers": 0,
+                "max_pixels": DEFAULT_MAX_PIXELS,  # larger images are refused from their header, before decoding
+                "on_error": "skip"},               # skip: go on past bad inputs (listed, exit 1) | stop
     "Export": {"model_dir": None, "opset": 17},
+    # Re-fit only the thresholds of a trained model from Global.dataset_dir (good images, labelled defects).
+    "Calibrate": {"model_dir": None, "false_alarm_rate": None, "batch_size": 8},
 }
 
 
@@ -85,11 +99,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise UadkitError(f"override '{text}': expected Section.key=value")
+    if ".".join(parts) in PATH_KEYS or parts[-1] == "model_dir":
+        return parts, _path_value(raw)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise UadkitError(f"override '{text}': value is not valid YAML ({e})") from e
     return parts, value
+
+
+def _path_value(raw: str) -> str | None:
+    if raw.strip() in ("", "null", "~", "None"):
+        return None
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = None
+        if isinstance(value, str):
+            return value
+    return raw
 
 
 def _lookup_error(schema: dict, parts: list[str]) -> UadkitError:
@@ -191,7 +220,8 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
         raise UadkitError(f"config key 'Global.mode': expected one of {', '.join(MODES)}, got {g['mode']!r}")
     for key, v in (("Train.epochs_iters", t.get("epochs_iters")), ("Train.batch_size", t["batch_size"]),
                    ("Evaluate.batch_size", cfg["Evaluate"]["batch_size"]),
-                   ("Predict.batch_size", cfg["Predict"]["batch_size"]), ("Global.num_processes", g["num_processes"])):
+                   ("Predict.batch_size", cfg["Predict"]["batch_size"]), ("Global.num_processes", g["num_processes"]),
+                   ("Calibrate.batch_size", cfg["Calibrate"]["batch_size"])):
         if v is not None and v < 1:
             raise UadkitError(f"config key '{key}': expected a positive integer, got {v}")
     if not 0 <= t["val_split"] < 1:
@@ -199,9 +229,18 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     size = m["input_size"]
     if len(size) != 2 or not all(isinstance(s, int) and 32 <= s <= 4096 for s in size):
         raise UadkitError(f"config key 'Model.input_size': expected [height, width] integers in 32..4096, got {size}")
-    q = t["calibration"]["quantile"]
-    if not 0.5 <= q <= 1:
-        raise UadkitError(f"config key 'Train.calibration.quantile': expected 0.5..1, got {q}")
+    for key, rate in (("Train.calibration.false_alarm_rate", t["calibration"]["false_alarm_rate"]),
+                      ("Calibrate.false_alarm_rate", cfg["Calibrate"]["false_alarm_rate"])):
+        if rate is not None and not 0 < rate < 0.5:
+            raise UadkitError(f"config key '{key}': expected a share of good parts in (0, 0.5), e.g. 0.02, got {rate}")
+    from .engine.calibration import ESTIMATORS
+
+    if t["calibration"]["estimator"] not in ESTIMATORS:
+        raise UadkitError(f"config key 'Train.calibration.estimator': expected one of {', '.join(ESTIMATORS)}, "
+                          f"got {t['calibration']['estimator']!r}")
+    if t["calibration"]["synthetic_images"] < 0:
+        raise UadkitError("config key 'Train.calibration.synthetic_images': expected >= 0 (0 = no check)")
+    _check_predict(cfg["Predict"])
     thr = cfg["Predict"]["threshold"]
     if thr is not None and not 0 < thr < 1:
         raise UadkitError(f"config key 'Predict.threshold': expected a normalised score in (0, 1), got {thr}")
@@ -217,6 +256,27 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     dev = str(g["device"])
     if not (dev == "cpu" or dev.startswith(("gpu", "cuda"))):
         raise UadkitError(f"config key 'Global.device': expected cpu, gpu, gpu:0 or gpu:0,1, got {dev!r}")
+
+
+def _check_predict(p: dict) -> None:
+    """Predict keys whose default is null get their types checked here (the generic check skips them)."""
+    thr = p["threshold"]
+    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float))):
+        raise UadkitError(f"config key 'Predict.threshold': expected a number in (0, 1) or null, got {thr!r}")
+    inp = p["input"]
+    if inp is not None and not isinstance(inp, str) and not (
+            isinstance(inp, list) and all(isinstance(x, str) for x in inp)):
+        raise UadkitError(f"config key 'Predict.input': expected an image, folder or URL (or a list of them), "
+                          f"got {inp!r}")
+    if p["model_dir"] is not None and not isinstance(p["model_dir"], str):
+        raise UadkitError(f"config key 'Predict.model_dir': expected a folder, got {p['model_dir']!r}")
+    if p["on_error"] not in ON_ERROR:
+        raise UadkitError(f"config key 'Predict.on_error': expected one of {', '.join(ON_ERROR)}, "
+                          f"got {p['on_error']!r}")
+    if p["max_pixels"] < 1:
+        raise UadkitError(f"config key 'Predict.max_pixels': expected a positive integer, got {p['max_pixels']}")
+    if p["num_workers"] < 0:
+        raise UadkitError(f"config key 'Predict.num_workers': expected 0 or more, got {p['num_workers']}")
 
 
 def dump_config(cfg: dict) -> str:

@@ -44,7 +44,9 @@ def model_metadata(model: AnomalyModel, extra: dict[str, Any] | None = None) -> 
 
 
 def save_model_dir(model: AnomalyModel, path: str, extra: dict[str, Any] | None = None,
-                   train_state: dict[str, Any] | None = None) -> str:
+                   train_state: dict[str, Any] | None = None, export_opset: int | None = None) -> str:
+    """Write weights + model.yaml (+ the ONNX graph with `export_opset`) beside `path`, then swap it in:
+    a reader sees the old folder or the new one, never weights of one and a graph of the other."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -56,6 +58,10 @@ def save_model_dir(model: AnomalyModel, path: str, extra: dict[str, Any] | None 
             yaml.safe_dump(model_metadata(model, extra), f, sort_keys=False)
         if train_state is not None:
             torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
+        if export_opset is not None:
+            from .export import export_onnx
+
+            export_onnx(model, tmp, export_opset)
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)

@@ -51,17 +51,21 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
-    def gather_in_order(self, part: torch.Tensor, n_total: int) -> torch.Tensor | None:
-        """Inverse of `shard`: rows from every rank back in the original sample order, on rank 0."""
+    def gather_in_order(self, part: torch.Tensor | None, n_total: int) -> torch.Tensor | None:
+        """Inverse of `shard`: rows from every rank back in the original sample order, on rank 0.
+
+        A rank whose share is empty (a last batch with fewer samples than ranks) sends None."""
         if not self.active:
             return part
         parts: list[Any] = [None] * self.world if self.is_main else None
-        dist.gather_object(part.cpu(), parts, dst=0)
+        dist.gather_object(None if part is None else part.cpu(), parts, dst=0)
         if not self.is_main:
             return None
-        out = torch.empty((n_total, *part.shape[1:]), dtype=part.dtype)
+        first = next(p for p in parts if p is not None)
+        out = torch.empty((n_total, *first.shape[1:]), dtype=first.dtype)
         for r, p in enumerate(parts):
-            out[r::self.world] = p
+            if p is not None:
+                out[r::self.world] = p
         return out
 
     def barrier(self) -> None:

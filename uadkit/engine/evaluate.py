@@ -19,8 +19,9 @@ from ..errors import UadkitError
 from ..models import AnomalyModel
 from ..models.base import squash
 from ..visualize import histogram, overlay
+from .calibrate import collect_scores
 from .device import main_device
-from .trainer import collect_scores, setup_logging
+from .trainer import setup_logging
 
 log = logging.getLogger("uadkit")
 

@@ -20,14 +20,14 @@ from tqdm import tqdm
 from ..config import dump_config
 from ..data.dataset import ImageDataset
 from ..data.formats import DatasetIndex, Sample
-from ..data.image_io import load_image, load_mask, write_text_atomic
+from ..data.image_io import write_text_atomic
 from ..errors import UadkitError
-from ..inference.predictor import score_images
 from ..models import AnomalyModel
-from .calibration import CALIBRATION_KEYS, calibrate
+from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
 from .checkpoint import load_train_state, save_model_dir
 from .device import main_device
 from .distributed import SINGLE, DistContext
+from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
 
 log = logging.getLogger("uadkit")
 TEACHER_CACHE_LIMIT = 4 * 1024**3  # bytes of cached targets before falling back to recomputing them
@@ -192,70 +192,17 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     return {"history": history, "best_epoch": best["epoch"]}
 
 
-def collect_scores(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
-                   desc: str, keep_maps: bool = True):
-    """Raw scores, labels, map maxima and (optionally) raw maps + masks for a list of samples."""
-    scores, labels, maxima, maps, masks = [], [], [], [], []
-    model.eval()
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                  disable=None):
-        chunk = samples[i:i + batch_size]
-        images = [load_image(s.path) for s in chunk]
-        for s, im, sc in zip(chunk, images, score_images(model, images, device)):
-            scores.append(sc.raw_score)
-            labels.append(s.label)
-            maxima.append(float(sc.raw_map.max()))
-            if keep_maps:
-                maps.append(sc.raw_map)
-                masks.append(load_mask(s.mask, im.shape[:2]) if s.mask else
-                             (np.zeros(im.shape[:2], bool) if s.label == 0 else None))
-    return np.array(scores), np.array(labels), np.array(maxima), maps, masks
-
-
-def calibrate_model(model: AnomalyModel, samples: list[Sample], cfg: dict, device: torch.device) -> dict[str, Any]:
-    c = cfg["Train"]["calibration"]
-    has_masks = any(s.mask for s in samples if s.label)
-    scores, labels, maxima, maps, masks = collect_scores(
-        model, samples, device, cfg["Train"]["batch_size"], "calibrating", keep_maps=has_masks)
-    pix_s = pix_l = None
-    if has_masks:
-        keep = [i for i, m in enumerate(masks) if m is not None]
-        pix_s = np.concatenate([maps[i].ravel() for i in keep])
-        pix_l = np.concatenate([masks[i].ravel() for i in keep])
-    cal = calibrate(scores, labels, maxima, pix_s, pix_l, c["quantile"], c["margin"])
-    model.calibration.copy_(torch.tensor([cal[k] for k in CALIBRATION_KEYS]))
-    model.is_calibrated.fill_(True)
-    return cal
-
-
-def fit_distributed(model: AnomalyModel, index: DatasetIndex, cfg: dict, device: torch.device,
-                    ctx: DistContext) -> dict[str, Any] | None:
-    """One pass for memory-bank/statistical models. With several processes each rank extracts features
-    for its slice of every batch and rank 0 gathers them back in sample order, so it fits exactly the
-    rows a single process would."""
-    model.to(device).eval()  # a fit pass is feature extraction: BatchNorm must use its running statistics
-    ds = ImageDataset(index.train, model.input_size)
-    bs = cfg["Train"]["batch_size"]
-    groups = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
-
-    def features():
-        for ids in tqdm(groups, desc="fitting", unit="batch", dynamic_ncols=True,
-                        disable=None if ctx.is_main else True):
-            mine = ctx.shard(ids)
-            with torch.no_grad():
-                part = model.features(torch.stack([ds[i][0] for i in mine]).to(device)) if mine else None
-            if not ctx.active:
-                yield part
-                continue
-            full = ctx.gather_in_order(part, len(ids))
-            if ctx.is_main:
-                yield full.to(device)
-
-    if ctx.is_main:
-        return model.fit(features())
-    for _ in features():  # the other ranks only extract and send
-        pass
-    return None
+def _features_fit_in_cache(model: AnomalyModel, index: DatasetIndex, device: torch.device) -> bool:
+    """Out-of-fold scoring keeps every image's features: check the size on one image before fitting."""
+    with torch.no_grad():
+        one = model.to(device).eval().features(ImageDataset(index.train[:1], model.input_size)[0][0][None].to(device))
+    need = one.numel() * one.element_size() * (len(index.train) + len(index.val))
+    if need > FEATURE_CACHE_LIMIT:
+        log.warning("out-of-fold calibration skipped: the features of %d images need %.1f GB (limit %.1f GB); "
+                    "calibrating on the validation split", len(index.train) + len(index.val), need / 1024**3,
+                    FEATURE_CACHE_LIMIT / 1024**3)
+        return False
+    return True
 
 
 def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext = SINGLE) -> dict[str, Any] | None:
@@ -276,24 +223,32 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
              f" x {ctx.world} processes" if ctx.active else "")
     for note in index.notes:
         log.info(note)
+    c = cfg["Train"]["calibration"]
+    # One-pass models calibrate on out-of-fold scores of every good image, so the validation goods join the
+    # fit (the final model sees all of them); labelled validation anomalies still only report recall.
+    oof = not model.trainable and c["out_of_fold"] and _features_fit_in_cache(model, index, device)
+    fit_samples = index.train + ([s for s in index.val if not s.label] if oof else [])
     t0 = time.time()
     if model.trainable:
         info = train_gradient(model, index, cfg, out, device, ctx)
     else:
-        info = fit_distributed(model, index, cfg, device, ctx)
+        info, feats = fit_distributed(model, fit_samples, cfg["Train"]["batch_size"], device, ctx, keep_features=oof)
     fit_s = time.time() - t0
     if not ctx.is_main:
         return None
-    cal_samples = index.val or index.train
-    if not index.val:
-        log.warning("no validation images: calibrating on the training images (thresholds will be optimistic)")
-    n_good = sum(1 for s in cal_samples if not s.label)
-    if n_good < 20:
-        log.warning("calibrating on only %d good images: the decision threshold is a rough estimate; "
-                    "add a validation/good folder or more training images", n_good)
-    cal = calibrate_model(model, cal_samples, cfg, device)
-    log.info("calibration (%s): image threshold %.6g, pixel threshold %.6g", cal["method"],
-             cal["image_threshold"], cal["pixel_threshold"])
+    t1 = time.time()
+    if oof:
+        good_s, good_m = model.out_of_fold_scores(feats, image_loader(fit_samples, model))
+        del feats
+        bad = [s for s in index.val if s.label]
+        bad_s = collect_scores(model, bad, device, cfg["Evaluate"]["batch_size"], "calibrating")[0] if bad else None
+        cal = calibrate_model(model, cfg, device, good_s, good_m, bad_s, "out_of_fold", fit_samples)
+    else:
+        cal_samples = index.val or index.train
+        if not index.val:
+            log.warning("no validation images: calibrating on the training images (thresholds will be optimistic)")
+        cal = calibrate_on_samples(model, cal_samples, cfg, device, "validation" if index.val else "training")
+    cal_s = time.time() - t1
     best_dir = save_model_dir(model, os.path.join(out, "best_model"),
                               extra={"trained_on": os.path.abspath(index.root), "calibration_info": cal})
     exported = None
@@ -308,6 +263,7 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         "dataset": {"root": os.path.abspath(index.root), "type": index.type, "train": len(index.train),
                     "val": len(index.val), "test": len(index.test)},
         "fit_seconds": round(fit_s, 2),
+        "calibration_seconds": round(cal_s, 2),
         "calibration": cal,
         "summary": model.summary(),
         "train": info,

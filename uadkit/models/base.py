@@ -6,10 +6,12 @@ shared and lives outside the model, so a new model only says how it scores and h
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,6 +119,29 @@ class AnomalyModel(nn.Module):
     def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
         """One pass over `features(images)` of good-image batches (memory-bank and statistical models)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def out_of_fold_scores(self, batches: list[torch.Tensor], images: Callable[[list[int]], torch.Tensor],
+                           folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Raw image scores and map maxima of every fitted image, each from a model that did not see it.
+
+        `batches` are the feature batches `fit` consumed, in order; `images(ids)` gives prepared images.
+        This default refits a copy on k-1 contiguous folds and scores the held-out fold; a model whose
+        fit decomposes (PatchCore's per-group coresets) overrides it with an equal, cheaper rule."""
+        per_image = [f for b in batches for f in b.split(1)]
+        n, bs = len(per_image), max(len(batches[0]), 1)
+        scores, maxima = np.zeros(n), np.zeros(n)
+        for fold in np.array_split(np.arange(n), min(folds, n)):
+            held = set(fold.tolist())
+            others = [per_image[i] for i in range(n) if i not in held]
+            clone = copy.deepcopy(self)
+            clone.fit(torch.cat(others[j:j + bs]) for j in range(0, len(others), bs))
+            clone.eval()
+            for j in range(0, len(fold), bs):
+                ids = fold[j:j + bs].tolist()
+                amap, score = clone(images(ids).to(self.device))
+                scores[ids], maxima[ids] = score.cpu().numpy(), amap.flatten(1).amax(1).cpu().numpy()
+        return scores, maxima
 
     @property
     def device(self) -> torch.device:

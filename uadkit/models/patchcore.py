@@ -13,12 +13,13 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..backbones import backbone_info
 from ..errors import UadkitError
-from .base import AnomalyModel
+from .base import AnomalyModel, gaussian_blur
 
 
 def patch_embed(features: list[torch.Tensor]) -> torch.Tensor:
@@ -97,6 +98,9 @@ class PatchCore(AnomalyModel):
         self.check_config(model_cfg)
         self.backbone = self.frozen_backbone(backbone_info(model_cfg["backbone"]).patch_stages, pretrained)
         self.register_buffer("memory_bank", torch.zeros(0, sum(self.backbone.channels)))
+        # which fit group each bank row / fitted image belongs to (set by fit, not saved)
+        self.fit_row_group: torch.Tensor | None = None
+        self.fit_image_group: torch.Tensor | None = None
 
     def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
         self.memory_bank = torch.zeros_like(state["memory_bank"])
@@ -109,71 +113,105 @@ class PatchCore(AnomalyModel):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(images)[0]
 
-    def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.memory_bank) == 0:
+    def score_embedding(self, emb: torch.Tensor, bank: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, patches, C) embeddings -> unsmoothed map at input size and image score, against `bank`."""
+        bank = self.memory_bank if bank is None else bank
+        if len(bank) == 0:
             raise UadkitError("PatchCore has an empty memory bank: fit it on good images first")
-        emb, (h, w) = self.embed(images)
         b = emb.shape[0]
-        d, idx = nearest(emb.reshape(b * h * w, -1), self.memory_bank, 1)
+        stride = self.backbone.strides[0]
+        h, w = (math.ceil(s / stride) for s in self.input_size)  # "same" padding rounds up
+        d, idx = nearest(emb.reshape(b * h * w, -1), bank, 1)
         patch = d[:, 0].reshape(b, h * w)
         # Image score with PatchCore's reweighting: the most anomalous patch counts for more when its
         # nearest bank entry is itself far from the rest of the bank (a rare, not a dense, region).
         top = patch.argmax(1)
         feat = emb[torch.arange(b), top]
         nn_idx = idx[:, 0].reshape(b, h * w)[torch.arange(b), top]
-        k = min(self.cfg["num_neighbors"], len(self.memory_bank))
-        _, support = nearest(self.memory_bank[nn_idx], self.memory_bank, k)
-        dist_support = torch.cdist(feat[:, None], self.memory_bank[support])[:, 0]
+        k = min(self.cfg["num_neighbors"], len(bank))
+        _, support = nearest(bank[nn_idx], bank, k)
+        dist_support = torch.cdist(feat[:, None], bank[support])[:, 0]
         weight = 1 - torch.softmax(dist_support, 1)[:, 0]
         score = weight * patch.max(1).values
-        amap = F.interpolate(patch.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear",
+        amap = F.interpolate(patch.reshape(b, 1, h, w), size=self.input_size, mode="bilinear",
                              align_corners=False)
         return amap, score
 
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
-        return self._scores(images)[0]
+        return self.score_embedding(self.features(images))[0]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from .base import gaussian_blur
-
-        amap, score = self._scores(images)
+        amap, score = self.score_embedding(self.features(images))
         return gaussian_blur(amap, self.smoothing_sigma), score
+
+    @torch.no_grad()
+    def out_of_fold_scores(self, batches: list[torch.Tensor], images, folds: int = 5
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-group-out: each coreset group is reduced on its own (same seed), so the bank minus the
+        rows a group contributed is the bank a fit without that group's images builds (exactly, while the
+        bank stays under max_bank_size; after a cap reduction, the surviving rows of the other groups)."""
+        emb = torch.cat(batches)
+        groups, rows = self.fit_image_group, self.fit_row_group
+        if groups is None or len(groups) != len(emb):
+            return super().out_of_fold_scores(batches, images, folds)
+        scores, maxima = np.zeros(len(emb)), np.zeros(len(emb))
+        chunk = max(len(batches[0]), 1)
+        for g in torch.unique(groups).tolist():
+            bank = self.memory_bank[rows != g]
+            ids = torch.nonzero(groups == g)[:, 0]
+            for part in ids.split(chunk):
+                amap, score = self.score_embedding(emb[part].to(self.device), bank)
+                amap = gaussian_blur(amap, self.smoothing_sigma)
+                scores[part.numpy()] = score.cpu().numpy()
+                maxima[part.numpy()] = amap.flatten(1).amax(1).cpu().numpy()
+        return scores, maxima
 
     @torch.no_grad()
     def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
         ratio, group = self.cfg["coreset_ratio"], self.cfg["coreset_group"]
         proj, cap = self.cfg["projection_dim"], self.cfg["max_bank_size"]
+        # Every group is reduced with the same seed, so a group's coreset does not depend on its position:
+        # the bank without one group equals a fit without it (what out_of_fold_scores relies on).
         kept: list[torch.Tensor] = []
+        kept_gid: list[torch.Tensor] = []   # the group each kept row came from
+        image_gid: list[int] = []
         pending: list[torch.Tensor] = []
-        n_images = n_patches = peak = 0
+        n_images = n_patches = peak = n_groups = 0
 
-        def reduce(rows: torch.Tensor, seed: int) -> torch.Tensor:
-            if ratio >= 1:
-                return rows
-            return rows[greedy_coreset(rows, max(1, round(len(rows) * ratio)), proj, seed)]
+        def close_group() -> None:
+            nonlocal pending, kept, kept_gid, peak, n_groups
+            rows = torch.cat(pending)
+            peak = max(peak, rows.numel() + sum(k.numel() for k in kept))
+            gid, n_groups = n_groups, n_groups + 1
+            sel = greedy_coreset(rows, max(1, round(len(rows) * ratio)), proj, 0) if ratio < 1 else None
+            kept.append(rows if sel is None else rows[sel])
+            kept_gid.append(torch.full((len(kept[-1]),), gid, dtype=torch.long))
+            image_gid.extend([gid] * (len(rows) // patches))
+            pending = []
+            if sum(len(k) for k in kept) > 2 * cap:
+                union, ug = torch.cat(kept), torch.cat(kept_gid)
+                keep = greedy_coreset(union, cap, proj, 1)
+                kept, kept_gid = [union[keep]], [ug[keep]]
 
+        patches = 1
         for emb in features:
+            patches = emb.shape[1]
             pending.append(emb.reshape(-1, emb.shape[-1]).cpu())
             n_images += len(emb)
             n_patches += emb.shape[0] * emb.shape[1]
-            if sum(len(p) for p in pending) >= group * emb.shape[1]:
-                rows = torch.cat(pending)
-                peak = max(peak, rows.numel() + sum(k.numel() for k in kept))
-                kept.append(reduce(rows, len(kept)))
-                pending = []
-                if sum(len(k) for k in kept) > 2 * cap:
-                    union = torch.cat(kept)
-                    kept = [union[greedy_coreset(union, cap, proj, len(kept))]]
+            if sum(len(p) for p in pending) >= group * patches:
+                close_group()
         if pending:
-            rows = torch.cat(pending)
-            peak = max(peak, rows.numel() + sum(k.numel() for k in kept))
-            kept.append(reduce(rows, len(kept)))
+            close_group()
         if not kept:
             raise UadkitError("PatchCore.fit: no training images")
-        bank = torch.cat(kept)
+        bank, gids = torch.cat(kept), torch.cat(kept_gid)
         if len(bank) > cap:  # too many images for the cap: one more k-center pass over the union
-            bank = bank[greedy_coreset(bank, cap, proj, 12345)]
+            keep = greedy_coreset(bank, cap, proj, 1)
+            bank, gids = bank[keep], gids[keep]
         self.memory_bank = bank.to(self.memory_bank.device).contiguous()
+        self.fit_row_group, self.fit_image_group = gids, torch.tensor(image_gid, dtype=torch.long)
         return {"images": n_images, "patches": n_patches, "memory_bank": list(self.memory_bank.shape),
                 "memory_bank_mb": round(self.memory_bank.numel() * 4 / 1e6, 2),
                 "peak_feature_mb": round(peak * 4 / 1e6, 2)}
