@@ -86,15 +86,18 @@ def _list_dataset(demo_dir, root):
     return str(root)
 
 
-def test_calibration_uses_labelled_anomalies_when_validation_has_them(demo_dir, tmp_path):
+def test_labelled_validation_anomalies_report_recall_at_the_operating_point(demo_dir, tmp_path):
     ds = _list_dataset(demo_dir, tmp_path / "lists")
     out = tmp_path / "out"
     rc = main(["-c", "configs/PaDiM.yaml", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={ds}",
                "-o", f"Global.output={out}", "-o", "Model.input_size=[64,64]"])
     assert rc == 0
     cal = json.load(open(out / "train_result.json"))["calibration"]
-    assert cal["method"] == "f1_optimal" and cal["pixel_method"] == "f1_optimal"
-    assert cal["n_anomalous"] == 3 and cal["n_good"] == 4
+    # the 4 validation goods join the fit and every good image is scored out of fold; the 3 labelled
+    # anomalies give the recall at the threshold the false-alarm target sets
+    assert cal["good_scores_from"] == "out_of_fold" and cal["n_good"] == 16
+    rep = cal["labelled_defects"]
+    assert rep["defects_total"] == 3 and rep["good_total"] == 16 and 0 <= rep["recall"] <= 1
 
 
 def test_evaluate_without_masks_reports_image_metrics_only(demo_dir, tmp_path):

@@ -63,6 +63,13 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[i]), float(thr[i])
 
 
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold (descending), starting at (0, 0)."""
+    thr, tp, fp = _pr_counts(labels, scores)
+    npos, nneg = (tp[-1], fp[-1]) if tp.size else (0.0, 0.0)
+    return (np.r_[0.0, fp / max(nneg, 1)], np.r_[0.0, tp / max(npos, 1)], np.r_[np.inf, thr])
+
+
 def binary_counts(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Accuracy, precision, recall, F1 and IoU of binary predictions."""
     y = np.asarray(labels).ravel().astype(bool)

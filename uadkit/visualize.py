@@ -94,6 +94,38 @@ def histogram(groups: dict[str, np.ndarray], title: str, threshold: float | None
     return img
 
 
+def roc_plot(fpr: np.ndarray, tpr: np.ndarray, title: str, point: tuple[float, float] | None = None,
+             point_label: str = "", size: tuple[int, int] = (520, 520)) -> Image.Image:
+    """ROC curve (false-positive rate vs recall) with the operating point of the stored threshold marked."""
+    w, h = size
+    left, right, top, bottom = 60, 20, 62, 55
+    pw, ph = w - left - right, h - top - bottom
+    img = Image.new("RGB", size, (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    f = font(14)
+    d.text((left, 10), title, fill=(0, 0, 0), font=font(16))
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + pw * x, top + ph * (1 - y)
+
+    for t in np.linspace(0, 1, 6):
+        d.line([xy(t, 0), xy(t, 1)], fill=(232, 232, 232))
+        d.line([xy(0, t), xy(1, t)], fill=(232, 232, 232))
+        d.text((xy(t, 0)[0] - 10, top + ph + 6), f"{t:.1f}", fill=(0, 0, 0), font=f)
+        d.text((left - 32, xy(0, t)[1] - 8), f"{t:.1f}", fill=(0, 0, 0), font=f)
+    d.line([xy(0, 0), xy(1, 1)], fill=(170, 170, 170))
+    d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
+    d.line([xy(float(x), float(y)) for x, y in zip(fpr, tpr)], fill=(60, 120, 220), width=3)
+    if point is not None:
+        px, py = xy(*point)
+        d.ellipse([px - 7, py - 7, px + 7, py + 7], outline=(220, 60, 50), width=3)
+        tx = px + 10 if px < left + pw * 0.55 else px - 10 - d.textlength(point_label, font=f)
+        d.text((tx, py + 8), point_label, fill=(220, 60, 50), font=f)
+    d.text((left + pw // 2 - 90, h - 22), "good parts flagged (false-positive rate)", fill=(0, 0, 0), font=f)
+    d.text((left - 32, top - 24), "defects caught (recall)", fill=(0, 0, 0), font=f)
+    return img
+
+
 def bar_chart(counts: dict[str, int], title: str, size: tuple[int, int] = (720, 420)) -> Image.Image:
     """Labelled vertical bars, e.g. images per split and per defect type."""
     w, h = size

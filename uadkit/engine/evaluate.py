@@ -18,8 +18,9 @@ from ..data.image_io import load_image, save_image_atomic, write_text_atomic
 from ..errors import UadkitError
 from ..models import AnomalyModel
 from ..models.base import squash
-from ..visualize import histogram, overlay
+from ..visualize import histogram, overlay, roc_plot
 from .calibrate import collect_scores
+from .calibration import recall_report
 from .device import main_device
 from .trainer import setup_logging
 
@@ -65,6 +66,7 @@ def evaluate(model: AnomalyModel, cfg: dict[str, Any]) -> dict[str, Any]:
                  "f1_max": _r(f1), "f1_max_threshold_raw": float(f1_t)}
     image["at_threshold"] = {k: _r(v) for k, v in metrics.binary_counts(labels, scores >= it_raw).items()}
     res["image"] = image
+    res["decision"] = _decision(samples, scores, labels, maxima, it_raw, pt_raw)
     pix_idx = [i for i, m in enumerate(masks) if m is not None] if has_masks else []
     if pix_idx:
         pm = [maps[i] for i in pix_idx]
@@ -96,11 +98,39 @@ def evaluate(model: AnomalyModel, cfg: dict[str, Any]) -> dict[str, Any]:
     res["per_defect"] = per
     os.makedirs(out, exist_ok=True)
     res["artifacts"] = _draw(model, samples, scores, labels, maps, out, cfg["Evaluate"]["num_examples"])
+    if both:
+        res["artifacts"]["roc_curve"] = _draw_roc(model.name, labels, scores, res["decision"], thr_norm, out)
     path = os.path.join(out, "evaluate_result.json")
     write_text_atomic(path, json.dumps(res, indent=2))
     print(format_table(res))
     log.info("wrote %s", path)
     return res
+
+
+def _decision(samples, scores: np.ndarray, labels: np.ndarray, maxima: np.ndarray, it_raw: float,
+              pt_raw: float) -> dict[str, Any]:
+    """What users act on: good parts flagged and defects caught at the stored threshold, beside the best
+    recall any threshold reaches while flagging no more good parts; and how often a good part gets a mask."""
+    dec = recall_report(scores[~labels], scores[labels], it_raw)
+    dec["per_defect"] = {}
+    for d in sorted({s.defect for s in samples if s.label}):
+        di = np.array([s.defect == d for s in samples])
+        dec["per_defect"][d] = {"caught": int((scores[di] >= it_raw).sum()), "total": int(di.sum())}
+    good_max = maxima[~labels]
+    dec["good_with_mask"] = int((good_max >= pt_raw).sum())
+    dec["good_with_mask_rate"] = round(float(np.mean(good_max >= pt_raw)), 5) if good_max.size else None
+    return dec
+
+
+def _draw_roc(name: str, labels: np.ndarray, scores: np.ndarray, dec: dict[str, Any], thr: float, out: str) -> str:
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    point = (dec["good_flag_rate"], dec["recall"])
+    label = f"threshold {thr:g}: {dec['good_flagged']}/{dec['good_total']} good flagged, " \
+            f"{dec['defects_caught']}/{dec['defects_total']} caught"
+    path = os.path.join(out, "roc_curve.png")
+    save_image_atomic(path, roc_plot(fpr, tpr, f"{name}: image ROC, AUROC {metrics.auroc(labels, scores):.3f}",
+                                     point, label))
+    return path
 
 
 def _draw(model: AnomalyModel, samples, scores, labels, maps, out: str, n: int) -> dict[str, Any]:
@@ -142,6 +172,16 @@ def format_table(res: dict[str, Any]) -> str:
     a = im["at_threshold"]
     lines.append(f"         at threshold {res['threshold']}: acc {f(a['accuracy'])}  precision {f(a['precision'])}  "
                  f"recall {f(a['recall'])}  F1 {f(a['f1'])}")
+    dec = res["decision"]
+
+    def share(n: int, total: int) -> str:
+        return f"{n}/{total} ({100 * n / total:.1f}%)" if total else "-"
+    lines.append(f"  decision at threshold {res['threshold']}: "
+                 f"good flagged {share(dec['good_flagged'], dec['good_total'])}, "
+                 f"defects caught {share(dec['defects_caught'], dec['defects_total'])}"
+                 + (f" (best possible at that good-flag rate: {100 * dec['best_recall_at_same_flag_rate']:.1f}%)"
+                    if dec["best_recall_at_same_flag_rate"] is not None else "")
+                 + f"; good images with a mask {share(dec['good_with_mask'], dec['good_total'])}")
     if "pixel" in res:
         p = res["pixel"]
         lines.append(f"  pixel  AUROC {f(p['auroc'])}  AUPRO@0.3 {f(p['aupro'])}  F1-max {f(p['f1_max'])}")
@@ -149,8 +189,9 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"         at threshold: IoU {f(a['iou'])}  precision {f(a['precision'])}  "
                      f"recall {f(a['recall'])}")
     if res["per_defect"]:
-        lines.append(f"  {'defect':<20}{'n':>4}{'img AUROC':>11}{'pix AUROC':>11}{'recall@thr':>12}")
+        lines.append(f"  {'defect':<20}{'n':>4}{'img AUROC':>11}{'pix AUROC':>11}{'caught':>10}")
         for d, e in res["per_defect"].items():
+            c = dec["per_defect"][d]
             lines.append(f"  {d:<20}{e['count']:>4}{f(e.get('image_auroc')):>11}{f(e.get('pixel_auroc')):>11}"
-                         f"{f(e.get('recall_at_threshold')):>12}")
+                         f"{c['caught']:>6}/{c['total']:<3}")
     return "\n".join(lines)

@@ -148,12 +148,13 @@ class PatchCore(AnomalyModel):
     @torch.no_grad()
     def out_of_fold_scores(self, batches: list[torch.Tensor], images, folds: int = 5
                            ) -> tuple[np.ndarray, np.ndarray]:
-        """Leave-one-group-out: each coreset group is reduced on its own (same seed), so the bank minus the
+        """Leave-one-group-out (with at least `folds` groups): each coreset group is reduced on its own (same seed), so the bank minus the
         rows a group contributed is the bank a fit without that group's images builds (exactly, while the
         bank stays under max_bank_size; after a cap reduction, the surviving rows of the other groups)."""
         emb = torch.cat(batches)
         groups, rows = self.fit_image_group, self.fit_row_group
-        if groups is None or len(groups) != len(emb):
+        # with fewer groups than folds, leaving one out would drop too much of the bank: refit k-fold instead
+        if groups is None or len(groups) != len(emb) or len(torch.unique(groups)) < folds:
             return super().out_of_fold_scores(batches, images, folds)
         scores, maxima = np.zeros(len(emb)), np.zeros(len(emb))
         chunk = max(len(batches[0]), 1)
