@@ -240,6 +240,8 @@ def run_demo(cfg: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # file names that are not valid UTF-8 print escaped, not crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         if args.pipeline or args.serve:
             return run_pipeline(args)

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from .config import DEFAULT_MAX_PIXELS
 from .errors import UadkitError
-from .inference.result import AnomalyResult
+
+if TYPE_CHECKING:
+    from .inference.predictor import PredictRun
 
 PIPELINES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pipelines")
 DEFAULTS: dict[str, Any] = {
     "pipeline_name": "anomaly_detection",
     "SubModules": {"AnomalyDetection": {"model_dir": None, "batch_size": 1, "run_mode": "onnxruntime",
                                         "threshold": None, "device": "cpu"}},
-    "Serving": {"host": "127.0.0.1", "port": 8080, "max_body_mb": 20, "max_pixels": 40_000_000,
+    "Serving": {"host": "127.0.0.1", "port": 8080, "max_body_mb": 20, "max_pixels": DEFAULT_MAX_PIXELS,
                 "decode_timeout_s": 10, "max_batch": 8, "batch_wait_ms": 5, "allow_url_fetch": False,
-                "url_allow_hosts": [], "url_timeout_s": 10, "url_max_mb": 20},
+                "url_allow_hosts": [], "url_timeout_s": 10, "url_max_mb": 20,
+                "header_timeout_s": 10, "body_timeout_s": 30, "max_connections": 64,
+                "max_pending_pixels": 2 * DEFAULT_MAX_PIXELS, "max_answer_pixels": 2048 * 2048},
 }
 
 
@@ -51,6 +55,18 @@ def load_pipeline_config(name_or_path: str) -> dict[str, Any]:
         raise UadkitError(f"unknown pipeline '{name_or_path}': expected 'anomaly_detection' or a pipeline YAML file")
     if cfg["pipeline_name"] != "anomaly_detection":
         raise UadkitError(f"pipeline_name: only 'anomaly_detection' exists, got {cfg['pipeline_name']!r}")
+    for section in ("SubModules", "Serving"):
+        if not isinstance(cfg[section], dict):
+            raise UadkitError(f"{path}: '{section}' must be a mapping")
+    for k, default in DEFAULTS["Serving"].items():  # a limit of the wrong type fails here, not mid-request
+        v = cfg["Serving"][k]
+        if isinstance(default, (bool, str, list)):
+            ok, want = isinstance(v, type(default)), type(default).__name__
+        else:  # sizes, limits, timeouts
+            low = 1 if k.startswith("max_") or k == "port" else 0
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, f"a number >= {low}"
+        if not ok:
+            raise UadkitError(f"{path}: 'Serving.{k}' expected {want}, got {v!r}")
     return cfg
 
 
@@ -68,8 +84,10 @@ class AnomalyDetectionPipeline:
         self.batch_size = int(sub["batch_size"])
         self.threshold = sub["threshold"]
 
-    def predict(self, inputs: Any, batch_size: int | None = None) -> Iterator[AnomalyResult]:
-        return self.detector.predict(inputs, batch_size=batch_size or self.batch_size, threshold=self.threshold)
+    def predict(self, inputs: Any, batch_size: int | None = None) -> PredictRun:
+        """Results in input order (bad inputs skipped and listed in `.failures`, as the model's predict)."""
+        return self.detector.predict(inputs, batch_size=batch_size or self.batch_size, threshold=self.threshold,
+                                     max_pixels=int(self.cfg["Serving"]["max_pixels"]))
 
     __call__ = predict
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import stat
 import tempfile
+import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +20,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import DEFAULT_MAX_PIXELS
 from ..errors import UadkitError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 URL_TIMEOUT_S = 20
 URL_MAX_BYTES = 50 * 1024 * 1024
-# Decompression-bomb guard: refuse images above this many pixels (about 16k x 16k).
+URL_MAX_REDIRECTS = 3
+# Pillow's own bomb check is a last resort (raises at 2x this) for code that opens images directly; our
+# pixel budget (max_pixels) is checked from the header before decoding and reported as one clear line,
+# so Pillow's two-line warning below that is noise.
 Image.MAX_IMAGE_PIXELS = 256 * 1024 * 1024
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -33,82 +42,183 @@ class ImageSource:
     array: np.ndarray | None = None
     stem: str = ""  # file-name stem for saved results; unique within one resolve_sources call
 
-    def load(self) -> np.ndarray:
-        return self.array if self.array is not None else load_image(self.name)
+    def load(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        return self.array if self.array is not None else load_image(self.name, max_pixels)
 
 
 def to_rgb_uint8(img: Image.Image) -> np.ndarray:
     """Apply EXIF orientation and convert gray / palette / RGBA / 16-bit / float images to RGB uint8."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
         a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=2)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # transparent pixels become black
         img = Image.alpha_composite(bg, rgba)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_image(source: str | os.PathLike) -> np.ndarray:
+def check_pixels(w: int, h: int, name: str, max_pixels: int, setting: str = "Predict.max_pixels") -> None:
+    """The one pixel budget, checked from the image header before anything is decoded."""
+    if w < 1 or h < 1:
+        raise UadkitError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise UadkitError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} ({setting})")
+
+
+def _not_regular(name: str, mode: int) -> str | None:
+    for test, what in ((stat.S_ISDIR, "is a folder"), (stat.S_ISFIFO, "is a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "is a character device"), (stat.S_ISBLK, "is a block device"),
+                       (stat.S_ISSOCK, "is a socket")):
+        if test(mode):
+            return f"{name}: {what}, expected an image file"
+    return None if stat.S_ISREG(mode) else f"{name}: not a regular file, expected an image file"
+
+
+def path_problem(name: str) -> str | None:
+    """Why `name` cannot be read as an image file (missing, broken link, FIFO, device...), or None."""
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        return f"{name}: broken symbolic link" if os.path.islink(name) else f"{name}: no such file"
+    except OSError as e:
+        return f"{name}: cannot be read ({e.strerror})"
+    return _not_regular(name, st.st_mode)
+
+
+def load_image(source: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a file path or http(s) URL into RGB uint8; errors name the source and the reason."""
     name = str(source)
     if name.startswith(("http://", "https://")):
         data = fetch_url(name)
-        return decode_image_bytes(data, name)
-    if not os.path.exists(name):
-        raise UadkitError(f"{name}: no such file")
-    if os.path.isdir(name):
-        raise UadkitError(f"{name}: is a folder, expected an image file")
+        return decode_image_bytes(data, name, max_pixels)
+    problem = path_problem(name)
+    if problem:
+        raise UadkitError(problem)
     try:
-        with open(name, "rb") as f:
-            data = f.read()
+        # Non-blocking open + fstat: a file swapped for a FIFO after the check above cannot hang us.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise UadkitError(f"{name}: cannot be read ({e.strerror})") from e
-    return decode_image_bytes(data, name)
+    with os.fdopen(fd, "rb") as f:
+        problem = _not_regular(name, os.fstat(fd).st_mode)
+        if problem:
+            raise UadkitError(problem)
+        if os.fstat(fd).st_size == 0:
+            raise UadkitError(f"{name}: empty file, expected an image")
+        return _decode(f, name, max_pixels)
 
 
-def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       setting: str = "Predict.max_pixels") -> np.ndarray:
     if not data:
         raise UadkitError(f"{name}: empty file, expected an image")
+    return _decode(io.BytesIO(data), name, max_pixels, setting)
+
+
+def _decode(f, name: str, max_pixels: int, setting: str = "Predict.max_pixels") -> np.ndarray:
+    """Header first (format and size, checked against the budget), then the pixels of the first frame."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb_uint8(img)
+        img = Image.open(f)
     except UnidentifiedImageError as e:
         raise UadkitError(f"{name}: not an image (unrecognised format)") from e
     except Image.DecompressionBombError as e:
         raise UadkitError(f"{name}: image too large ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UadkitError(f"{name}: corrupt or truncated image ({e})") from e
+    except Exception as e:  # a damaged header can make any image plugin raise anything
+        raise UadkitError(f"{name}: corrupt or truncated image ({_reason(e)})") from e
+    with img:
+        check_pixels(*img.size, name, max_pixels, setting)
+        try:
+            img.load()
+        except MemoryError as e:
+            raise UadkitError(f"{name}: out of memory decoding a {img.size[0]}x{img.size[1]} image") from e
+        except Exception as e:
+            raise UadkitError(f"{name}: corrupt or truncated image ({_reason(e)})") from e
+        try:
+            return to_rgb_uint8(img)
+        except MemoryError as e:
+            raise UadkitError(f"{name}: out of memory converting a {img.size[0]}x{img.size[1]} image") from e
+        except Exception as e:
+            raise UadkitError(f"{name}: cannot convert a {img.mode} image to RGB ({_reason(e)})") from e
 
 
-def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())  # one line, whatever the plugin put in its message
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+class _AllowListRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to http(s) on an allowed host, and only a few times."""
+
+    max_redirections = URL_MAX_REDIRECTS
+
+    def __init__(self, allowed_hosts: Collection[str] | None, deadline: float) -> None:
+        self.allowed_hosts, self.deadline = allowed_hosts, deadline
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        parts = urllib.parse.urlsplit(newurl)
+        if parts.scheme not in ("http", "https"):
+            raise UadkitError(f"{req.full_url}: redirected to a non-http(s) URL, refused")
+        if self.allowed_hosts is not None and (parts.hostname or "") not in self.allowed_hosts:
+            raise UadkitError(f"{req.full_url}: redirected to host '{parts.hostname}', which is not in the "
+                              "URL allow-list")
+        if time.monotonic() > self.deadline:
+            raise UadkitError(f"{req.full_url}: not downloaded within the time limit")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES,
+              allowed_hosts: Collection[str] | None = None) -> bytes:
+    """GET `url` within `timeout` seconds in total (not per read) and `max_bytes`; with `allowed_hosts`,
+    every redirect hop must stay on those hosts."""
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(_AllowListRedirects(allowed_hosts, deadline))
+    chunks, size = [], 0
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            data = r.read(max_bytes + 1)
+        with opener.open(url, timeout=timeout) as r:
+            sock = getattr(getattr(r.fp, "raw", None), "_sock", None)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UadkitError(f"{url}: not downloaded within {timeout:g} s")
+                if sock is not None:  # each read waits at most until the overall deadline
+                    sock.settimeout(left)
+                chunk = r.read1(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UadkitError(f"{url}: larger than {max_bytes} bytes")
+    except UadkitError:
+        raise
+    except TimeoutError as e:
+        raise UadkitError(f"{url}: not downloaded within {timeout:g} s") from e
     except Exception as e:
-        raise UadkitError(f"{url}: could not be downloaded ({type(e).__name__}: {e})") from e
-    if len(data) > max_bytes:
-        raise UadkitError(f"{url}: larger than {max_bytes} bytes")
-    return data
+        raise UadkitError(f"{url}: could not be downloaded ({_reason(e)})") from e
+    return b"".join(chunks)
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
-    """Image files under `folder`, recursive, sorted, image extensions only."""
+    """Image files under `folder`, recursive, sorted, image extensions only.
+
+    Anything named like an image but not a folder is listed (a FIFO, a broken link), so that reading it
+    reports what it is instead of it being skipped without a word.
+    """
     root = Path(folder)
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.is_dir())
 
 
-def resolve_sources(inputs: Any) -> list[ImageSource]:
+def resolve_sources(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageSource]:
     """Expand a path, folder, URL, numpy array or a list of these into image sources, in order."""
     items: Iterable[Any] = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     out: list[ImageSource] = []
     for k, item in enumerate(items):
         if isinstance(item, np.ndarray):
-            out.append(ImageSource(f"array_{k}", _check_array(item, k)))
+            out.append(ImageSource(f"array_{k}", _check_array(item, k, max_pixels)))
         elif isinstance(item, (str, os.PathLike)):
             name = str(item)
             if name.startswith(("http://", "https://")):
@@ -120,7 +230,7 @@ def resolve_sources(inputs: Any) -> list[ImageSource]:
                 # good/000.png and scratch/000.png must not save over each other: name by relative path
                 out.extend(ImageSource(f, stem=str(Path(f).relative_to(name).with_suffix("")).replace(os.sep, "_"))
                            for f in files)
-            elif os.path.isfile(name):
+            elif os.path.lexists(name):  # a file, or something that reading will name (FIFO, broken link)
                 out.append(ImageSource(name))
             else:
                 raise UadkitError(f"{name}: no such file or folder")
@@ -131,22 +241,24 @@ def resolve_sources(inputs: Any) -> list[ImageSource]:
     seen: dict[str, int] = {}
     for s in out:
         base = s.stem or Path(urllib.parse.urlsplit(s.name).path if "://" in s.name else s.name).stem or "image"
+        if len(os.fsencode(base)) > 150:  # result files add suffixes: stay under the 255-byte name limit
+            base = base[:25] + "_" + hashlib.sha1(os.fsencode(base)).hexdigest()[:10]
         n = seen.get(base, 0)
         seen[base] = n + 1
         s.stem = base if n == 0 else f"{base}_{n}"
     return out
 
 
-def _check_array(a: np.ndarray, k: int) -> np.ndarray:
+def _check_array(a: np.ndarray, k: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    name = f"input array {k}"
     if a.dtype != np.uint8:
-        raise UadkitError(f"input array {k}: expected dtype uint8, got {a.dtype}")
-    if a.ndim == 2:
-        return np.repeat(a[..., None], 3, axis=2)
-    if a.ndim == 3 and a.shape[2] == 3:
-        return a
-    if a.ndim == 3 and a.shape[2] == 4:
-        return a[..., :3]
-    raise UadkitError(f"input array {k}: expected shape HxW or HxWx3, got {a.shape}")
+        raise UadkitError(f"{name}: expected dtype uint8, got {a.dtype}")
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise UadkitError(f"{name}: expected shape HxW, HxWx3 (or x1, x4), got {a.shape}")
+    check_pixels(a.shape[1], a.shape[0], name, max_pixels)
+    if a.ndim == 2 or a.shape[2] == 1:
+        return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
 
 
 def load_mask(path: str, shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -1,9 +1,12 @@
 """The HTTP service (FastAPI on uvicorn) and its web page.
 
 POST /image-anomaly-detection {"image": <base64 | http(s) URL>} answers PaddleX-compatible JSON
-{logId, errorCode, errorMsg, result: {labelMap, size, image}} plus `score` and `label`.
+{logId, errorCode, errorMsg, result: {labelMap, size, image}} plus `score`, `label`, `threshold` and
+`imageSize`. Images above Serving.max_answer_pixels are answered with `labelMap` and `image` at a reduced
+size (`size` is the labelMap's, `imageSize` the original's), so an answer stays a few MB at most.
 Bad input gets a 4xx JSON error. Concurrent requests are queued and run in batches by one worker, so
-requests never share state.
+requests never share state. Slow clients are dropped (header and body timeouts), open connections are
+capped, and the pixels in flight are bounded (Serving.max_pending_pixels): later requests wait their turn.
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import ctypes
 import io
 import json
+import logging
 import os
+import re
 import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,15 +29,22 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..data.image_io import ImageSource, decode_image_bytes, fetch_url
+from ..data.image_io import ImageSource, check_pixels, decode_image_bytes, fetch_url
 from ..errors import UadkitError
 from ..pipeline import AnomalyDetectionPipeline
+from ..visualize import overlay
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
+log = logging.getLogger("uvicorn.error")  # uvicorn's own handler: our lines look like its lines
+# Base64 has no ':' so anything starting "word:" is a URL scheme or a drive path, never image data.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+# Requests above this many pixels hand their memory back to the OS when answered (glibc keeps freed heap).
+_TRIM_PIXELS = 2_000_000
 
 
 class RequestError(Exception):
@@ -39,9 +53,10 @@ class RequestError(Exception):
         self.status = status
 
 
-def _error(status: int, message: str, log_id: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, log_id: str | None = None, close: bool = False) -> JSONResponse:
     return JSONResponse(status_code=status, content={"logId": log_id or uuid.uuid4().hex, "errorCode": status,
-                                                     "errorMsg": message})
+                                                     "errorMsg": message},
+                        headers={"Connection": "close"} if close else None)
 
 
 class Batcher:
@@ -52,7 +67,8 @@ class Batcher:
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="uadkit-model")
-        self.batches: list[int] = []  # sizes of the batches run (for tests and stats)
+        # How many batches of each size ran (for tests and stats): at most max_batch keys, however long it runs.
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
 
     async def submit(self, name: str, image: np.ndarray):
         fut = asyncio.get_running_loop().create_future()
@@ -72,7 +88,7 @@ class Batcher:
             # Same-size images share a batch; the predictor resizes each one to the model input anyway.
             sources = [ImageSource(n) for n, _, _ in items]
             images = [im for _, im, _ in items]
-            self.batches.append(len(items))
+            self.batch_sizes[len(items)] += 1
             try:
                 results = await loop.run_in_executor(self.pool, self.predictor.run, sources, images)
             except Exception as e:  # a model failure answers every waiting request instead of hanging them
@@ -80,30 +96,115 @@ class Batcher:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            finally:
+                del images, sources
             for (*_, fut), res in zip(items, results):
                 if not fut.done():
                     fut.set_result(res)
+            del items, results
+
+
+class PixelBudget:
+    """At most `total` image pixels decoded, scored or answered at once; the rest wait in arrival order."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = int(total), 0
+        self.cond = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int):
+        pixels = min(int(pixels), self.total)  # one image of the full budget can always run, alone
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.used + pixels <= self.total)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
+
+
+def _probe(data: bytes, max_pixels: int) -> int:
+    """Pixels of the image in `data`, from its header only: huge images are refused before decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except Exception as e:
+        raise RequestError(400, f"image: not a decodable image ({type(e).__name__})") from e
+    try:
+        check_pixels(w, h, "image", max_pixels, "Serving.max_pixels")
+    except UadkitError as e:
+        raise RequestError(413 if w * h else 400, str(e)) from e
+    return w * h
 
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as probe:  # header only: refuse huge images before decoding them
-            w, h = probe.size
-    except Exception as e:
-        raise RequestError(400, f"image: not a decodable image ({type(e).__name__})") from e
-    if w * h > max_pixels:
-        raise RequestError(413, f"image: {w}x{h} pixels exceeds the limit of {max_pixels}")
-    try:
-        return decode_image_bytes(data, "image")
+        return decode_image_bytes(data, "image", max_pixels, "Serving.max_pixels")
     except UadkitError as e:
         raise RequestError(400, str(e)) from e
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"image: invalid base64 ({e}); expected base64 image data or an http(s) URL") from e
+
+
+def _label_map_json(mask: np.ndarray) -> bytes:
+    """`[0,1,0,...]` for a 0/1 mask, built in numpy: a Python list of h*w ints would cost ~30x the time."""
+    flat = mask.ravel()
+    if flat.size == 0:
+        return b"[]"
+    buf = np.full(2 * flat.size + 1, ord(","), np.uint8)
+    buf[0], buf[-1] = ord("["), ord("]")
+    buf[1:-1:2] = flat + ord("0")
+    return buf.tobytes()
+
+
+def _answer(res, log_id: str, max_answer_pixels: int) -> bytes:
+    """The PaddleX-style JSON answer, as bytes; labelMap and overlay shrunk for very large images."""
+    image, amap, mask = res._image, res["anomaly_map"], res["pred_mask"]
+    h, w = mask.shape
+    if h * w > max_answer_pixels:
+        scale = (max_answer_pixels / (h * w)) ** 0.5
+        size = (max(1, int(w * scale)), max(1, int(h * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        amap = np.asarray(Image.fromarray(amap).resize(size, Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+    buf = io.BytesIO()
+    overlay(image, amap, mask, f"{res['pred_label']} {res['pred_score']:.3f}").save(buf, format="JPEG", quality=90)
+    out = {"logId": log_id, "errorCode": 0, "errorMsg": "Success",
+           "result": {"labelMap": "@LABELMAP@", "size": list(mask.shape),
+                      "image": base64.b64encode(buf.getvalue()).decode(), "score": res["pred_score"],
+                      "label": res["pred_label"], "threshold": res["threshold"], "imageSize": [h, w]}}
+    head, tail = json.dumps(out).encode().split(b'"@LABELMAP@"')
+    return head + _label_map_json(mask) + tail
+
+
+_libc = None
+
+
+def _trim_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise: a large request would leave RSS high)."""
+    global _libc
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
     s = pipeline.cfg["Serving"]
     max_body = int(s["max_body_mb"] * 1024 * 1024)
+    max_pixels = int(s["max_pixels"])
     batcher = Batcher(pipeline, int(s["max_batch"]), float(s["batch_wait_ms"]))
-    decode_pool = ThreadPoolExecutor(2, thread_name_prefix="uadkit-decode")
+    budget = PixelBudget(max(int(s["max_pending_pixels"]), max_pixels))
+    work_pool = ThreadPoolExecutor(2, thread_name_prefix="uadkit-decode")  # decoding and answers, off the loop
+    fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="uadkit-fetch")  # slow URLs never hold the decoders
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,78 +216,92 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
                   description="Unsupervised visual anomaly detection. POST an image (base64) to "
                               "/image-anomaly-detection; GET / for a web page.")
     app.state.batcher = batcher
+    app.state.budget = budget
 
-    async def image_from_request(payload: Any) -> tuple[str, np.ndarray]:
+    async def in_pool(pool: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            raise RequestError(413, f"request body larger than {s['max_body_mb']} MB")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise RequestError(413, f"request body larger than {s['max_body_mb']} MB")
+        return bytes(body)
+
+    async def image_bytes(payload: Any) -> tuple[str, bytes]:
         if not isinstance(payload, dict) or not isinstance(payload.get("image"), str) or not payload["image"]:
             raise RequestError(422, 'body: expected JSON {"image": "<base64 or http(s) URL>"}')
         text = payload["image"].strip()
-        loop = asyncio.get_running_loop()
         if text.startswith(("http://", "https://")):
             if not s["allow_url_fetch"]:
                 raise RequestError(403, "image: fetching URLs is disabled on this server; send base64 image data")
             host = urllib.parse.urlsplit(text).hostname or ""
             if host not in s["url_allow_hosts"]:
                 raise RequestError(403, f"image: host '{host}' is not in the server's URL allow-list")
-            try:
-                data = await loop.run_in_executor(decode_pool, fetch_url, text, float(s["url_timeout_s"]),
-                                                  int(s["url_max_mb"] * 1024 * 1024))
+            try:  # the allow-list holds for every redirect hop; url_timeout_s is a total deadline
+                return text, await asyncio.wait_for(
+                    in_pool(fetch_pool, fetch_url, text, float(s["url_timeout_s"]), int(s["url_max_mb"] * 2**20),
+                            set(s["url_allow_hosts"])), float(s["url_timeout_s"]) + 5)
             except UadkitError as e:
-                raise RequestError(400, str(e)) from e
-            name = text
-        elif "://" in text[:16] or text.startswith(("/", "file:", "~")):
-            # never read server-side paths or other schemes
+                raise RequestError(400, f"image: {e}") from e
+            except asyncio.TimeoutError as e:
+                raise RequestError(408, "image: URL not downloaded within the time limit") from e
+        if text.startswith("data:") and "," in text[:200]:
+            text = text.split(",", 1)[1]
+        elif _SCHEME.match(text) or text.startswith("~"):
+            # never read server-side paths or other schemes ("/..." is base64 too: a JPEG starts "/9j/")
             raise RequestError(400, "image: expected base64 image data or an http(s) URL")
-        else:
-            if text.startswith("data:") and "," in text:
-                text = text.split(",", 1)[1]
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise RequestError(400, f"image: invalid base64 ({e})") from e
-            name = "upload"
-        try:
-            image = await asyncio.wait_for(loop.run_in_executor(decode_pool, _decode, data, int(s["max_pixels"])),
-                                           float(s["decode_timeout_s"]))
-        except asyncio.TimeoutError as e:
-            raise RequestError(408, "image: decoding took too long") from e
-        return name, image
+        return "upload", await in_pool(work_pool, _b64decode, text)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return _error(413, f"request body larger than {s['max_body_mb']} MB")
-        return await call_next(request)
+    async def handle(request: Request, log_id: str) -> Response:
+        try:
+            body = await asyncio.wait_for(read_body(request), float(s["body_timeout_s"]))
+        except asyncio.TimeoutError:
+            log.info("request %s: body not received within %s s; connection closed", log_id, s["body_timeout_s"])
+            return _error(408, f"request body not received within {s['body_timeout_s']} s", log_id, close=True)
+        try:
+            payload = await in_pool(work_pool, json.loads, body) if len(body) > 65536 else json.loads(body)
+        except (ValueError, RecursionError) as e:  # RecursionError: deeply nested JSON
+            raise RequestError(400, f"body: not valid JSON ({type(e).__name__})") from e
+        name, data = await image_bytes(payload)
+        del payload, body
+        pixels = await in_pool(work_pool, _probe, data, max_pixels)
+        async with budget.hold(pixels):
+            try:
+                image = await asyncio.wait_for(in_pool(work_pool, _decode, data, max_pixels),
+                                               float(s["decode_timeout_s"]))
+            except asyncio.TimeoutError as e:
+                raise RequestError(408, "image: decoding took too long") from e
+            del data
+            res = await batcher.submit(name, image)
+            del image
+            answer = await in_pool(work_pool, _answer, res, log_id, int(s["max_answer_pixels"]))
+            del res
+        if pixels > _TRIM_PIXELS:
+            await in_pool(work_pool, _trim_memory)
+        return Response(answer, media_type="application/json")
 
     @app.post("/image-anomaly-detection")
     async def detect(request: Request):
         log_id = uuid.uuid4().hex
         try:
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body:
-                    raise RequestError(413, f"request body larger than {s['max_body_mb']} MB")
-            try:
-                payload = json.loads(body)
-            except ValueError as e:
-                raise RequestError(400, "body: not valid JSON") from e
-            name, image = await image_from_request(payload)
-            res = await batcher.submit(name, image)
+            return await handle(request, log_id)
         except RequestError as e:
-            return _error(e.status, str(e), log_id)
-        buf = io.BytesIO()
-        res.overlay_image().convert("RGB").save(buf, format="JPEG", quality=90)
-        h, w = res["pred_mask"].shape
-        # JSONResponse directly: FastAPI's default encoder would walk the h*w labelMap list in Python.
-        return JSONResponse({"logId": log_id, "errorCode": 0, "errorMsg": "Success",
-                             "result": {"labelMap": res["pred_mask"].ravel().tolist(), "size": [h, w],
-                                        "image": base64.b64encode(buf.getvalue()).decode(),
-                                        "score": res["pred_score"], "label": res["pred_label"],
-                                        "threshold": res["threshold"]}})
+            # an unread body cannot be skipped on a kept-alive connection: close it
+            return _error(e.status, str(e), log_id, close=e.status in (408, 413))
+        except ClientDisconnect:
+            log.info("request %s: client disconnected before sending its whole body", log_id)
+            return Response(status_code=400)  # nobody is listening
+        except Exception as e:  # a bug: one line in the log and a JSON answer, never a bare traceback
+            log.error("request %s failed: %s: %s", log_id, type(e).__name__, " ".join(str(e).split())[:300])
+            return _error(500, f"internal error ({type(e).__name__}); logId {log_id}", log_id)
 
     @app.get("/health")
-    async def health():
+    async def health():  # answered on the event loop, which never runs model or image work
         return {"status": "ok", "model": pipeline.detector.name, "uadkit_version": __version__}
 
     @app.get("/", response_class=HTMLResponse)
@@ -197,8 +312,48 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
     return app
 
 
+def _protocol_with_header_timeout(timeout: float) -> type:
+    """uvicorn's h11 protocol, plus: each request's headers must be complete within `timeout` seconds of
+    the connection opening (or of the previous answer), else the connection is closed with one log line."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout, self._headers_late, self.cycle)
+
+        def _headers_late(self, cycle_then) -> None:
+            waiting = self.cycle is cycle_then and (self.cycle is None or self.cycle.response_complete)
+            if waiting and not self.transport.is_closing():
+                client = f"{self.client[0]}:{self.client[1]}" if self.client else "client"
+                log.info("%s: request headers not received within %g s; connection closed", client, timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
 def serve(pipeline: AnomalyDetectionPipeline, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     s = pipeline.cfg["Serving"]
-    uvicorn.run(create_app(pipeline), host=host or s["host"], port=int(port or s["port"]), log_level="info")
+    config = uvicorn.Config(create_app(pipeline), host=host or s["host"], port=int(port or s["port"]),
+                            log_level="info", http=_protocol_with_header_timeout(float(s["header_timeout_s"])),
+                            limit_concurrency=int(s["max_connections"]), timeout_keep_alive=5)
+    uvicorn.Server(config).run()
