@@ -63,12 +63,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _require_serve_extra() -> None:
-    import importlib.util
-
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UadkitError(f"--serve needs {' and '.join(missing)}, which come with the 'serve' extra: "
-                          "pip install -e .[serve]  (scripts/setup.sh installs it)")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UadkitError(f"--serve needs {e.name or 'fastapi and uvicorn'}, which come with the 'serve' extra: "
+                          "pip install -e .[serve]  (scripts/setup.sh installs it)") from e
 
 
 def _model_dir(cfg: dict, section: str) -> str:
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # file names that are not valid UTF-8 print escaped, not crash
         sys.stdout.reconfigure(errors="backslashreplace")
+    from .data.image_io import quiet_pil_warnings
+
+    quiet_pil_warnings()
     try:
         if args.pipeline or args.serve:
             return run_pipeline(args)

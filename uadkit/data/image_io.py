@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
@@ -34,6 +35,29 @@ Image.MAX_IMAGE_PIXELS = 256 * 1024 * 1024
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _quiet_libtiff() -> None:
+    """libtiff prints its decoding errors straight to stderr ("ZIPDecode: ..."), lines that name no file;
+    Pillow still gets the failure and we report it as one line naming the file, so mute the handlers."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {ln.split()[-1] for ln in f if "/libtiff" in ln}
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            lib.TIFFSetErrorHandler(None)
+            lib.TIFFSetWarningHandler(None)
+    except (OSError, AttributeError):  # not Linux, or a Pillow without libtiff: nothing to mute
+        pass
+
+
+_quiet_libtiff()
+
+
+def quiet_pil_warnings() -> None:
+    """For the CLI and the service: Pillow's two-line warnings about damaged metadata ("Corrupt EXIF data")
+    of an image that is then decoded, or refused with one line naming it, only clutter the output."""
+    warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+
+
 @dataclass
 class ImageSource:
     """One input to predict: where it came from (a name for results) and how to read it."""
@@ -41,8 +65,11 @@ class ImageSource:
     name: str
     array: np.ndarray | None = None
     stem: str = ""  # file-name stem for saved results; unique within one resolve_sources call
+    error: str | None = None  # a bad numpy input: reported when loaded, so the other inputs still run
 
     def load(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        if self.error:
+            raise UadkitError(self.error)
         return self.array if self.array is not None else load_image(self.name, max_pixels)
 
 
@@ -162,12 +189,22 @@ class _AllowListRedirects(urllib.request.HTTPRedirectHandler):
         parts = urllib.parse.urlsplit(newurl)
         if parts.scheme not in ("http", "https"):
             raise UadkitError(f"{req.full_url}: redirected to a non-http(s) URL, refused")
-        if self.allowed_hosts is not None and (parts.hostname or "") not in self.allowed_hosts:
-            raise UadkitError(f"{req.full_url}: redirected to host '{parts.hostname}', which is not in the "
-                              "URL allow-list")
+        if self.allowed_hosts is not None and not host_allowed(newurl, self.allowed_hosts):
+            raise UadkitError(f"{req.full_url}: redirected to '{parts.netloc}', which is not in the URL allow-list")
         if time.monotonic() > self.deadline:
             raise UadkitError(f"{req.full_url}: not downloaded within the time limit")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def host_allowed(url: str, allowed_hosts: Collection[str]) -> bool:
+    """An allow-list entry is a host name ("images.example.com") or a host and port ("127.0.0.1:8000")."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        return False
+    return host in allowed_hosts or f"{host}:{port}" in allowed_hosts
 
 
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES,
@@ -218,7 +255,10 @@ def resolve_sources(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[I
     out: list[ImageSource] = []
     for k, item in enumerate(items):
         if isinstance(item, np.ndarray):
-            out.append(ImageSource(f"array_{k}", _check_array(item, k, max_pixels)))
+            try:
+                out.append(ImageSource(f"array_{k}", _check_array(item, k, max_pixels)))
+            except UadkitError as e:
+                out.append(ImageSource(f"array_{k}", error=str(e)))
         elif isinstance(item, (str, os.PathLike)):
             name = str(item)
             if name.startswith(("http://", "https://")):

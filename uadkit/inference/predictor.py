@@ -88,7 +88,8 @@ class PredictRun:
     def __iter__(self) -> Iterator[AnomalyResult]:
         for item in self.outcomes():
             if isinstance(item, PredictFailure):
-                log.warning("skipped %s", item.error)
+                if self.n_inputs > 1:  # a single input's failure is raised below instead
+                    log.warning("skipped %s", item.error)
             else:
                 yield item
         if self.failures and not self.n_results:

@@ -32,6 +32,8 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     h, w = rle["size"]
     counts = np.asarray(rle["counts"], dtype=np.int64)
+    if counts.ndim != 1 or (counts < 0).any() or counts.sum() != h * w:
+        raise ValueError(f"RLE: counts must be non-negative and sum to {h}x{w} = {h * w}")
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape(h, w).astype(np.uint8)
 

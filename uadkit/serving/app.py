@@ -34,7 +34,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..data.image_io import ImageSource, check_pixels, decode_image_bytes, fetch_url
+from ..data.image_io import ImageSource, check_pixels, decode_image_bytes, fetch_url, host_allowed, quiet_pil_warnings
 from ..errors import UadkitError
 from ..pipeline import AnomalyDetectionPipeline
 from ..visualize import overlay
@@ -147,6 +147,8 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def _b64decode(text: str) -> bytes:
+    if any(c in text for c in " \t\r\n"):
+        text = "".join(text.split())  # base64 wrapped at 76 columns (the `base64` tool, MIME) is still base64
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -239,8 +241,8 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
         if text.startswith(("http://", "https://")):
             if not s["allow_url_fetch"]:
                 raise RequestError(403, "image: fetching URLs is disabled on this server; send base64 image data")
-            host = urllib.parse.urlsplit(text).hostname or ""
-            if host not in s["url_allow_hosts"]:
+            if not host_allowed(text, s["url_allow_hosts"]):
+                host = urllib.parse.urlsplit(text).netloc
                 raise RequestError(403, f"image: host '{host}' is not in the server's URL allow-list")
             try:  # the allow-list holds for every redirect hop; url_timeout_s is a total deadline
                 return text, await asyncio.wait_for(
@@ -352,6 +354,7 @@ def _protocol_with_header_timeout(timeout: float) -> type:
 def serve(pipeline: AnomalyDetectionPipeline, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
+    quiet_pil_warnings()
     s = pipeline.cfg["Serving"]
     config = uvicorn.Config(create_app(pipeline), host=host or s["host"], port=int(port or s["port"]),
                             log_level="info", http=_protocol_with_header_timeout(float(s["header_timeout_s"])),
