@@ -90,3 +90,23 @@ def test_batch_size_smaller_than_processes_is_refused(demo_dir, tmp_path):
 
     with pytest.raises(UadkitError, match="must be >= the 2 processes"):
         _train("STFPM", demo_dir, tmp_path, 2, epochs_iters=1, batch_size=1)
+
+
+def test_a_rank_with_an_empty_share_of_the_last_batch_still_fits(demo_dir, tmp_path):
+    # 17 fitted images in batches of 8: the last batch holds one image, so rank 1's share of it is empty
+    import shutil
+
+    from uadkit.data.formats import load_index
+
+    root = tmp_path / "data"
+    os.makedirs(root / "good")
+    idx = load_index(demo_dir, 0.0)
+    goods = idx.train + [s for s in idx.test if not s.label]
+    for i in range(17):
+        shutil.copy(goods[i % len(goods)].path, root / "good" / f"{i:03d}.png")
+    one = _train("PaDiM", str(root), tmp_path / "one", 1, batch_size=8, val_split=0.0)
+    two = _train("PaDiM", str(root), tmp_path / "two", 2, batch_size=8, val_split=0.0)
+    assert one["calibration"]["n_good"] == two["calibration"]["n_good"] == 17
+    a, _ = load_model_dir(str(tmp_path / "one" / "best_model"))
+    b, _ = load_model_dir(str(tmp_path / "two" / "best_model"))
+    assert np.allclose(a.mean.numpy(), b.mean.numpy(), atol=1e-4)

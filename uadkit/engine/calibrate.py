@@ -74,6 +74,9 @@ def calibrate_model(model: AnomalyModel, cfg: dict, device: torch.device, good_s
                     "add a validation/good folder or more training images", len(good_scores))
     cal = calibrate(good_scores, good_maxima, rate, c["estimator"], bad_scores, source)
     apply_calibration(model, cal)
+    # what the threshold rests on, for train_result.json (not model.yaml): lets a user re-derive any rate
+    cal["scores"] = {"image": [float(f"{x:.6g}") for x in good_scores],
+                     "map_max": [float(f"{x:.6g}") for x in good_maxima]}
     synth = synthetic_check(model, check_samples, device, cfg["Evaluate"]["batch_size"], c["synthetic_images"],
                             cfg["Global"]["seed"])
     if synth:
@@ -130,7 +133,8 @@ def recalibrate(cfg: dict) -> dict[str, Any]:
                           f"calibration folder {os.path.abspath(index.root)}", samples, rate)
     after = recall_report(scores[good], scores[~good], cal["image_threshold"])
     extra = {k: v for k, v in meta.items() if k not in ("uadkit_version", "model", "Model", "calibration", "saved_at")}
-    extra.update({"calibration_info": cal, "recalibrated_on": os.path.abspath(index.root)})
+    extra.update({"calibration_info": {k: v for k, v in cal.items() if k != "scores"},
+                  "recalibrated_on": os.path.abspath(index.root)})
     save_model_dir(model.cpu(), model_dir, extra=extra, export_opset=cfg["Export"]["opset"])
     result = {"model_dir": os.path.abspath(model_dir), "dataset": os.path.abspath(index.root),
               "images": len(samples), "good": int(good.sum()), "defects": int((~good).sum()),

@@ -38,7 +38,7 @@ from ..models.base import LN19
 CALIBRATION_KEYS = ("image_threshold", "image_scale_low", "image_scale_high",
                     "pixel_threshold", "pixel_scale_low", "pixel_scale_high")
 ESTIMATORS = ("auto", "empirical", "normal", "lognormal", "gpd")
-AUTO_MIN_EXCEEDANCES = 10  # auto: the sample quantile once n x rate scores lie above it (measured)
+AUTO_MIN_EXCEEDANCES = 50  # auto: the sample quantile only once n x rate scores lie above it (measured)
 MIN_GOOD = 5
 
 

@@ -250,7 +250,8 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         cal = calibrate_on_samples(model, cal_samples, cfg, device, "validation" if index.val else "training")
     cal_s = time.time() - t1
     best_dir = save_model_dir(model, os.path.join(out, "best_model"),
-                              extra={"trained_on": os.path.abspath(index.root), "calibration_info": cal})
+                              extra={"trained_on": os.path.abspath(index.root),
+                                     "calibration_info": {k: v for k, v in cal.items() if k != "scores"}})
     exported = None
     if cfg["Train"]["export"]:
         from .export import export_onnx
