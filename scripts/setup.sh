@@ -10,8 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 pip install -q --disable-pip-version-check "${UADKIT_TORCH:-torch==2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
-extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
+# The plain setup includes the service (`uadkit --serve` in the README); `test` adds the test tools.
+extra="[serve]"
+[ "${1:-}" = "test" ] && extra="[serve,test]"
 pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
   # The web page test drives Debian's Chromium (playwright cannot download a browser here).

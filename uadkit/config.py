@@ -190,6 +190,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
 
 
 def _check_type(key: str, value: Any, default: Any) -> None:
+    if value is None and default is not None:  # `-o Key=` or `: null` would crash a later comparison
+        raise UadkitError(f"config key '{key}': expected {type(default).__name__}, got null")
     if default is None or value is None:
         return
     if isinstance(default, bool):
