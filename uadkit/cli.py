@@ -67,7 +67,7 @@ def _require_serve_extra() -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise UadkitError(f"--serve needs {e.name or 'fastapi and uvicorn'}, which come with the 'serve' extra: "
+        raise UadkitError(f"--serve needs the 'serve' extra ({e.name or 'fastapi'} is not installed): "
                           "pip install -e .[serve]  (scripts/setup.sh installs it)") from e
 
 
