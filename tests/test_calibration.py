@@ -121,6 +121,10 @@ def test_out_of_fold_scores_equal_a_manual_k_fold(name, demo_dir):
             amap, score = ref(image_loader(samples, ref)(held))
         np.testing.assert_allclose(oof[held], score.numpy(), rtol=1e-4)
         np.testing.assert_allclose(oof_max[held], amap.flatten(1).amax(1).numpy(), rtol=1e-4)
+    # scoring a subset gives the same scores for those images, in the subset's order
+    sub, sub_max = model.out_of_fold_scores(feats, image_loader(samples, model), folds=4, scored=np.array([1, 6]))
+    np.testing.assert_allclose(sub, oof[[1, 6]], rtol=1e-5)
+    np.testing.assert_allclose(sub_max, oof_max[[1, 6]], rtol=1e-5)
     # and they are not the in-sample scores the final model gives its own training images
     with torch.no_grad():
         _, own = model(image_loader(samples, model)(list(range(8))))

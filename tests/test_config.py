@@ -10,7 +10,7 @@ def test_defaults_file_and_overrides_merge_with_yaml_types():
     assert cfg["Train"]["epochs_iters"] == 3 and cfg["Model"]["input_size"] == [128, 96]
     assert cfg["Predict"]["threshold"] == 0.7 and cfg["Global"]["dataset_dir"] == "/data/x"
     assert cfg["Train"]["learning_rate"] == 0.4 and cfg["Model"]["anomaly_map_mode"] == "product"
-    assert cfg["Train"]["calibration"]["false_alarm_rate"] == 0.02
+    assert cfg["Train"]["calibration"]["false_alarm_rate"] == 0.05
 
 
 def test_unknown_key_names_key_and_suggests():

@@ -55,8 +55,8 @@ COMMON: dict[str, dict[str, Any]] = {
         "num_workers": 0,
         "val_split": 0.1,          # fraction of good training images held out for calibration
         # The operating point: the share of good parts the stored threshold is meant to flag (see README).
-        "calibration": {"false_alarm_rate": 0.02, "estimator": "auto", "out_of_fold": True,
-                        "synthetic_images": 32},
+        "calibration": {"false_alarm_rate": 0.05, "estimator": "auto", "out_of_fold": True,
+                        "out_of_fold_images": 160, "synthetic_images": 32},
         "resume_path": None,
         "save_interval": 0,        # epochs between extra checkpoints; 0 = only last and best
         "export": True,            # write best_model/inference (ONNX) at the end of training
@@ -240,6 +240,8 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     if t["calibration"]["estimator"] not in ESTIMATORS:
         raise UadkitError(f"config key 'Train.calibration.estimator': expected one of {', '.join(ESTIMATORS)}, "
                           f"got {t['calibration']['estimator']!r}")
+    if t["calibration"]["out_of_fold_images"] < 5:
+        raise UadkitError("config key 'Train.calibration.out_of_fold_images': expected >= 5")
     if t["calibration"]["synthetic_images"] < 0:
         raise UadkitError("config key 'Train.calibration.synthetic_images': expected >= 0 (0 = no check)")
     _check_predict(cfg["Predict"])

@@ -238,11 +238,16 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         return None
     t1 = time.time()
     if oof:
-        good_s, good_m = model.out_of_fold_scores(feats, image_loader(fit_samples, model))
+        # scoring is the cost (PatchCore: a full search per image), so at most `out_of_fold_images`,
+        # spread evenly over the fitted images
+        n_fit, cap = len(fit_samples), c["out_of_fold_images"]
+        scored = np.unique(np.linspace(0, n_fit - 1, min(n_fit, cap)).round().astype(int))
+        good_s, good_m = model.out_of_fold_scores(feats, image_loader(fit_samples, model), scored=scored)
         del feats
         bad = [s for s in index.val if s.label]
         bad_s = collect_scores(model, bad, device, cfg["Evaluate"]["batch_size"], "calibrating")[0] if bad else None
-        cal = calibrate_model(model, cfg, device, good_s, good_m, bad_s, "out_of_fold", fit_samples)
+        cal = calibrate_model(model, cfg, device, good_s, good_m, bad_s, "out_of_fold",
+                              [fit_samples[i] for i in scored])
     else:
         cal_samples = index.val or index.train
         if not index.val:

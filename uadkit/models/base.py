@@ -122,26 +122,31 @@ class AnomalyModel(nn.Module):
 
     @torch.no_grad()
     def out_of_fold_scores(self, batches: list[torch.Tensor], images: Callable[[list[int]], torch.Tensor],
-                           folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image scores and map maxima of every fitted image, each from a model that did not see it.
+                           folds: int = 5, scored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw image scores and map maxima of fitted images, each from a model that did not see it.
 
-        `batches` are the feature batches `fit` consumed, in order; `images(ids)` gives prepared images.
-        This default refits a copy on k-1 contiguous folds and scores the held-out fold; a model whose
-        fit decomposes (PatchCore's per-group coresets) overrides it with an equal, cheaper rule."""
+        `batches` are the feature batches `fit` consumed, in order; `images(ids)` gives prepared images;
+        `scored` picks which images to score (default all; the result follows its order). This default
+        refits a copy on k-1 contiguous folds and scores the held-out fold; a model whose fit decomposes
+        (PatchCore's per-group coresets) overrides it with an equal, cheaper rule."""
         per_image = [f for b in batches for f in b.split(1)]
         n, bs = len(per_image), max(len(batches[0]), 1)
-        scores, maxima = np.zeros(n), np.zeros(n)
+        scored = np.arange(n) if scored is None else np.asarray(scored)
+        scores, maxima = np.full(n, np.nan), np.full(n, np.nan)
         for fold in np.array_split(np.arange(n), min(folds, n)):
+            todo = np.intersect1d(fold, scored)
+            if not len(todo):
+                continue
             held = set(fold.tolist())
             others = [per_image[i] for i in range(n) if i not in held]
             clone = copy.deepcopy(self)
             clone.fit(torch.cat(others[j:j + bs]) for j in range(0, len(others), bs))
             clone.eval()
-            for j in range(0, len(fold), bs):
-                ids = fold[j:j + bs].tolist()
+            for j in range(0, len(todo), bs):
+                ids = todo[j:j + bs].tolist()
                 amap, score = clone(images(ids).to(self.device))
                 scores[ids], maxima[ids] = score.cpu().numpy(), amap.flatten(1).amax(1).cpu().numpy()
-        return scores, maxima
+        return scores[scored], maxima[scored]
 
     @property
     def device(self) -> torch.device:

@@ -146,27 +146,33 @@ class PatchCore(AnomalyModel):
         return gaussian_blur(amap, self.smoothing_sigma), score
 
     @torch.no_grad()
-    def out_of_fold_scores(self, batches: list[torch.Tensor], images, folds: int = 5
-                           ) -> tuple[np.ndarray, np.ndarray]:
-        """Leave-one-group-out (with at least `folds` groups): each coreset group is reduced on its own (same seed), so the bank minus the
-        rows a group contributed is the bank a fit without that group's images builds (exactly, while the
-        bank stays under max_bank_size; after a cap reduction, the surviving rows of the other groups)."""
+    def out_of_fold_scores(self, batches: list[torch.Tensor], images, folds: int = 5,
+                           scored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-group-out (with at least `folds` groups): each coreset group is reduced on its own (same
+        seed), so the bank minus the rows a group contributed is the bank a fit without that group's images
+        builds (exactly, while the bank stays under max_bank_size; after a cap reduction, the surviving rows
+        of the other groups)."""
         emb = torch.cat(batches)
         groups, rows = self.fit_image_group, self.fit_row_group
         # with fewer groups than folds, leaving one out would drop too much of the bank: refit k-fold instead
         if groups is None or len(groups) != len(emb) or len(torch.unique(groups)) < folds:
-            return super().out_of_fold_scores(batches, images, folds)
-        scores, maxima = np.zeros(len(emb)), np.zeros(len(emb))
+            return super().out_of_fold_scores(batches, images, folds, scored)
+        scored = np.arange(len(emb)) if scored is None else np.asarray(scored)
+        scores, maxima = np.full(len(emb), np.nan), np.full(len(emb), np.nan)
         chunk = max(len(batches[0]), 1)
+        picked = torch.zeros(len(emb), dtype=torch.bool)
+        picked[torch.from_numpy(scored)] = True
         for g in torch.unique(groups).tolist():
+            ids = torch.nonzero((groups == g) & picked)[:, 0]
+            if not len(ids):
+                continue
             bank = self.memory_bank[rows != g]
-            ids = torch.nonzero(groups == g)[:, 0]
             for part in ids.split(chunk):
                 amap, score = self.score_embedding(emb[part].to(self.device), bank)
                 amap = gaussian_blur(amap, self.smoothing_sigma)
                 scores[part.numpy()] = score.cpu().numpy()
                 maxima[part.numpy()] = amap.flatten(1).amax(1).cpu().numpy()
-        return scores, maxima
+        return scores[scored], maxima[scored]
 
     @torch.no_grad()
     def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
