@@ -20,7 +20,7 @@ MODES = ("check_dataset", "train", "evaluate", "predict", "export", "calibrate",
 RUN_MODES = ("torch", "onnxruntime")
 
 # One pixel budget for every entry point (CLI, API, pipeline, service), checked from the image header before
-# decoding: about 5000 x 5000 px, a 25 MP camera. Prediction costs roughly 40 bytes of memory per pixel.
+# decoding: about 5000 x 5000 px, a 25 MP camera. A prediction costs about 20 bytes of memory per pixel.
 DEFAULT_MAX_PIXELS = 25_000_000
 ON_ERROR = ("skip", "stop")
 # Keys that hold a path or an input: `-o` takes their text verbatim (not YAML), so names such as
