@@ -1,15 +1,19 @@
-"""The shared training engine: gradient training for trainable models, one fit pass for the others,
-then calibration on the validation split and an atomic save of best_model/."""
+"""The training engine: the gradient loop for trainable models and `train()`, which runs a model's
+training (this loop, or one fit pass from engine/fitting.py), its calibration (engine/calibrate.py), the
+atomic save of best_model/ and the run records (engine/records.py).
+
+The loop owns batches, devices, processes, checkpoints and the choice of the best epoch; the model owns its
+loss, optimiser and schedule, what it does before and after training and any extra image stream
+(models/base.py)."""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
-import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,10 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import dump_config
 from ..data.dataset import ImageDataset
 from ..data.formats import DatasetIndex, Sample
-from ..data.image_io import write_text_atomic
 from ..errors import UadkitError
 from ..models import AnomalyModel
 from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
@@ -28,33 +30,12 @@ from .checkpoint import load_train_state, save_model_dir
 from .device import main_device
 from .distributed import SINGLE, DistContext
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
+from .records import seed_everything, setup_logging, write_run_records
+
+__all__ = ["seed_everything", "setup_logging", "train", "train_gradient"]  # records re-exported for callers
 
 log = logging.getLogger("uadkit")
 TEACHER_CACHE_LIMIT = 4 * 1024**3  # bytes of cached targets before falling back to recomputing them
-
-
-def setup_logging(output: str | None, main_process: bool = True) -> None:
-    # Only rank 0 logs progress and writes train.log: N processes must not print N copies.
-    log.setLevel(logging.INFO if main_process else logging.WARNING)
-    for h in list(log.handlers):
-        if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
-            h.close()
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
-        sh = logging.StreamHandler()
-        sh.setFormatter(logging.Formatter("[uadkit] %(message)s"))
-        log.addHandler(sh)
-    if output and main_process:
-        os.makedirs(output, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output, "train.log"), encoding="utf-8")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(fh)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _batches(n: int, batch_size: int, shuffle: bool, gen: torch.Generator) -> list[list[int]]:
@@ -67,6 +48,12 @@ def _loader(samples: list[Sample], model: AnomalyModel, batch_size: int, workers
                       num_workers=workers)
 
 
+def _image_batches(samples: list[Sample], model: AnomalyModel, batch_size: int, workers: int,
+                   device: torch.device) -> Iterator[torch.Tensor]:
+    for images, _ in _loader(samples, model, batch_size, workers):
+        yield images.to(device)
+
+
 class _Loss(torch.nn.Module):
     """training_loss as a forward(), so DistributedDataParallel can see the call and sync gradients."""
 
@@ -74,8 +61,35 @@ class _Loss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, targets: list[torch.Tensor] | None) -> torch.Tensor:
-        return self.model.training_loss(images, targets)
+    def forward(self, images: torch.Tensor, targets: list[torch.Tensor] | None,
+                extra: torch.Tensor | None) -> torch.Tensor:
+        return self.model.training_loss(images, targets, extra)
+
+
+class _TargetCache:
+    """A model's fixed per-image targets (frozen-teacher features) with the image itself as uint8, kept
+    after the first epoch while all of them fit TEACHER_CACHE_LIMIT."""
+
+    def __init__(self, enabled: bool, n_images: int) -> None:
+        self.items: dict[int, tuple[torch.Tensor, list[torch.Tensor] | None]] | None = {} if enabled else None
+        self.n = n_images
+
+    def get(self, ids: list[int], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        if self.items is None or not all(i in self.items for i in ids):
+            return None
+        images = torch.stack([self.items[i][0] for i in ids]).to(device).float() / 255
+        first = self.items[ids[0]][1]
+        return images, [torch.stack([self.items[i][1][k] for i in ids]).to(device) for k in range(len(first))]
+
+    def put(self, ids: list[int], images: torch.Tensor, targets: list[torch.Tensor] | None) -> None:
+        if self.items is None or targets is None:
+            return
+        per_image = sum(x[0].numel() * x.element_size() for x in targets) + images[0].numel()
+        if per_image * self.n > TEACHER_CACHE_LIMIT:
+            self.items = None
+            return
+        for j, i in enumerate(ids):
+            self.items[i] = ((images[j] * 255).round().to(torch.uint8).cpu(), [x[j].detach().cpu() for x in targets])
 
 
 def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
@@ -86,44 +100,53 @@ def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, 
     total, n = 0.0, 0
     mine = [samples[i] for i in ctx.shard(list(range(len(samples))))]
     with torch.no_grad():
-        for images, _ in (_loader(mine, model, batch_size, workers) if mine else []):
-            images = images.to(device)
+        for images in (_image_batches(mine, model, batch_size, workers, device) if mine else []):
             total += float(model.training_loss(images, None)) * len(images)
             n += len(images)
     total, n = ctx.sum(total, n)
     return total / n
 
 
+def _cpu_state(model: AnomalyModel) -> dict[str, torch.Tensor]:
+    return copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
 def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str,
                    device: torch.device, ctx: DistContext = SINGLE) -> dict[str, Any]:
     t = cfg["Train"]
-    epochs, bs, workers = t["epochs_iters"], t["batch_size"], t["num_workers"]
+    epochs, bs, workers, seed = t["epochs_iters"], t["batch_size"], t["num_workers"], cfg["Global"]["seed"]
     if bs < ctx.world:
         raise UadkitError(f"Train.batch_size {bs} is the global batch: it must be >= the {ctx.world} processes")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=t["learning_rate"], momentum=t["momentum"], weight_decay=t["weight_decay"])
-    # Cosine decay to zero over the run: at a constant 0.4 the student keeps jumping between epochs.
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-             if t.get("lr_scheduler", "none") == "cosine" else None)
-    start, history, best = 0, [], {"epoch": None, "val_loss": math.inf, "state": None}
+    model.to(device)
+    start, history = 0, []
+    best: dict[str, Any] = {"epoch": None, "val_loss": math.inf, "state": None}
+    resume = None
     if t["resume_path"]:
         from .checkpoint import load_model_dir
+
         resumed, _ = load_model_dir(t["resume_path"])
-        state = load_train_state(t["resume_path"])
+        resume = load_train_state(t["resume_path"])
         model.load_state_dict(resumed.state_dict())
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and "scheduler" in state:
-            sched.load_state_dict(state["scheduler"])
-        start, history = int(state["epoch"]), list(state.get("history", []))
+        model.to(device)
+    model.on_train_start(lambda: _image_batches(index.train, model, bs, workers, device))
+    opt, sched = model.configure_optimizers(t)  # after the hook: a model may size its parameters from data
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and "scheduler" in resume:
+            sched.load_state_dict(resume["scheduler"])
+        start, history = int(resume["epoch"]), list(resume.get("history", []))
+        # the best epoch so far travels with the checkpoint: a resumed run picks the same best as an
+        # uninterrupted one
+        if resume.get("best_state") is not None:
+            best = {"epoch": resume["best_epoch"], "val_loss": float(resume["best_val_loss"]),
+                    "state": resume["best_state"]}
         log.info("resumed from %s at epoch %d", t["resume_path"], start)
-    gen = torch.Generator().manual_seed(cfg["Global"]["seed"])
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(start):  # keep the shuffling sequence identical to an uninterrupted run
         torch.randperm(len(index.train), generator=gen)
     ds = ImageDataset(index.train, model.input_size)
-    cache: dict[int, tuple[torch.Tensor, list[torch.Tensor] | None]] | None = None
-    if t.get("cache_teacher"):
-        cache = {}
-    model.to(device)
+    cache = _TargetCache(bool(t.get("cache_teacher")), len(ds))
+    extra_source = model.extra_batch_source(t)
     loss_fn: torch.nn.Module = _Loss(model)
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -134,27 +157,23 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         model.train()
         running, seen = 0.0, 0
         lr_used = opt.param_groups[0]["lr"]
+        # the extra stream is seeded per epoch and rank, so resuming at an epoch draws what it would have
+        extra_gen = torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + ctx.rank)
         # Every rank draws the same global batches and takes its own slice of each one; a tail batch with
         # fewer images than processes is dropped so every rank always has work (and DDP never waits).
         batches = [ctx.shard(b) for b in _batches(len(ds), bs, True, gen) if len(b) >= ctx.world]
         bar = tqdm(batches, total=min(steps, len(batches)), desc=f"epoch {epoch + 1}/{epochs}",
                    unit="batch", dynamic_ncols=True, disable=None if ctx.is_main else True, leave=False)
         for ids in bar:
-            if cache is not None and all(i in cache for i in ids):
-                images = torch.stack([cache[i][0] for i in ids]).to(device).float() / 255
-                targets = [torch.stack([cache[i][1][k] for i in ids]).to(device) for k in range(len(cache[ids[0]][1]))]
+            hit = cache.get(ids, device)
+            if hit is not None:
+                images, targets = hit
             else:
                 images = torch.stack([ds[i][0] for i in ids]).to(device)
                 targets = model.training_targets(images)
-                if cache is not None and targets is not None:
-                    per_image = sum(x[0].numel() * x.element_size() for x in targets) + images[0].numel()
-                    if per_image * len(ds) <= TEACHER_CACHE_LIMIT:
-                        for j, i in enumerate(ids):
-                            cache[i] = ((images[j] * 255).round().to(torch.uint8).cpu(),
-                                        [x[j].detach().cpu() for x in targets])
-                    else:
-                        cache = None
-            loss = loss_fn(images, targets)
+                cache.put(ids, images, targets)
+            extra = extra_source(len(ids), extra_gen).to(device) if extra_source is not None else None
+            loss = loss_fn(images, targets, extra)
             if not torch.isfinite(loss):
                 raise UadkitError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); "
                                   "lower Train.learning_rate")
@@ -177,18 +196,22 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
                  "" if val_loss is None else f"  val_loss {val_loss:.5f}")
         score = val_loss if val_loss is not None else train_loss
         if score <= best["val_loss"]:
-            best = {"epoch": epoch + 1, "val_loss": score,
-                    "state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})}
+            best = {"epoch": epoch + 1, "val_loss": score, "state": _cpu_state(model)}
         last = epoch + 1 == epochs
         interval = t.get("save_interval") or 0
         if ctx.is_main and (last or (interval and (epoch + 1) % interval == 0)):
             state = {"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                     "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "best_state": best["state"],
                      **({"scheduler": sched.state_dict()} if sched is not None else {})}
             save_model_dir(model, os.path.join(out, "checkpoints", "last"), train_state=state)
             if interval and (epoch + 1) % interval == 0:
                 save_model_dir(model, os.path.join(out, "checkpoints", f"epoch_{epoch + 1}"), train_state=state)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    model.eval()
+    with torch.no_grad():
+        if ctx.is_main:  # only rank 0 calibrates and saves
+            model.on_train_end(lambda: _image_batches(index.val or index.train, model, bs, workers, device))
     return {"history": history, "best_epoch": best["epoch"]}
 
 
@@ -215,7 +238,6 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         raise UadkitError(f"Global.dataset_dir '{index.root}': no good training images found")
     seed_everything(cfg["Global"]["seed"])
     device = ctx.device if ctx.active else main_device(cfg["Global"]["device"])
-    result_path = os.path.join(out, "train_result.json")
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
     log.info("%s on %s (%s): %d train, %d val, %d test images; device %s%s", model.name, index.root, index.type,
@@ -278,8 +300,6 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         "config": os.path.abspath(os.path.join(out, "config.yaml")),
         "log": os.path.abspath(os.path.join(out, "train.log")),
     }
-    # Written with the model, not before: a failed run leaves the previous config and results in place.
-    write_text_atomic(os.path.join(out, "config.yaml"), dump_config(cfg))
-    write_text_atomic(result_path, json.dumps(result, indent=2))
+    write_run_records(out, cfg, result)
     log.info("done in %.1f s; best model: %s", fit_s, best_dir)
     return result

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..errors import UadkitError
 from .base import AnomalyModel
+from .efficientad import EfficientAD
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .stfpm import STFPM
 
-MODELS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STFPM, PatchCore, PaDiM)}
+MODELS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STFPM, PatchCore, PaDiM, EfficientAD)}
 
 
 def model_class(name: str) -> type[AnomalyModel]:

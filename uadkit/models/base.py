@@ -109,8 +109,37 @@ class AnomalyModel(nn.Module):
         """Fixed targets for a batch (e.g. frozen-teacher features), cacheable across epochs."""
         return None
 
-    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None) -> torch.Tensor:
+    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None,
+                      extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of one batch; `extra` is a batch from `extra_batch_source` (None in validation)."""
         raise NotImplementedError
+
+    def configure_optimizers(self, train_cfg: dict[str, Any]
+                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """The optimiser over the trainable parameters, and a schedule the engine steps once per epoch.
+
+        Default (STFPM's): SGD with Train.learning_rate / momentum / weight_decay; Train.lr_scheduler=cosine
+        decays to zero over Train.epochs_iters (at a constant rate the student keeps jumping between epochs)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=train_cfg["learning_rate"], momentum=train_cfg["momentum"],
+                              weight_decay=train_cfg["weight_decay"])
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=train_cfg["epochs_iters"])
+                 if train_cfg.get("lr_scheduler", "none") == "cosine" else None)
+        return opt, sched
+
+    def on_train_start(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        """Before the first step (also on resume): `batches()` iterates the training images on the device,
+        once per call (e.g. statistics of a frozen teacher's channels)."""
+
+    def on_train_end(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        """After the best weights are restored, before calibration: `batches()` iterates the validation
+        images (training images when there are none), e.g. for quantiles of the model's maps."""
+
+    def extra_batch_source(self, train_cfg: dict[str, Any]
+                           ) -> Callable[[int, torch.Generator], torch.Tensor] | None:
+        """A second image stream for `training_loss(extra=...)`: f(batch_size, generator) -> a (B, 3, H, W)
+        batch in [0, 1]. The engine seeds the generator per epoch and rank, so a resumed run draws the same."""
+        return None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """What `fit` learns from, per image batch (the engine computes it, possibly over several processes)."""

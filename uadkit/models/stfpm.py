@@ -59,6 +59,7 @@ class STFPM(AnomalyModel):
     def training_targets(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.teacher(images)
 
-    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None) -> torch.Tensor:
+    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None,
+                      extra: torch.Tensor | None = None) -> torch.Tensor:
         teacher = targets if targets is not None else self.training_targets(images)
         return sum(d.mean() for d in stage_distances(teacher, self.student(images)))

@@ -1,0 +1,219 @@
+"""EfficientAD (Batzner et al., 2024): a small student network and an autoencoder, both against a frozen teacher.
+
+- Teacher: the paper distils a patch description network (PDN) from WideResNet-101 on ImageNet. ImageNet
+  cannot be downloaded here, so the teacher is our frozen ImageNet backbone cut at its stride-8 stage, with
+  the deeper stride-16 stage upsampled onto it (PatchCore's stages; Lite0 stage3 + stage5: 152 channels), normalised per
+  channel by its mean and std over the training images (the `on_train_start` hook).
+- Student: a PDN-like stack of plain convolutions (strided, not pooled, to keep CPU cost low) with twice
+  the teacher's channels: the first half predicts the teacher (hard-feature loss: only the distances above
+  their 0.999 quantile count), the second half predicts the autoencoder.
+- Autoencoder: strided convolutions down to a 1x1 latent code and back, predicting the teacher's features
+  from the image through that bottleneck, so it misses what is locally plausible but globally wrong (the
+  logical anomalies).
+- Penalty images: the paper pushes the student's output towards zero on ImageNet images so it does not
+  generalise past the training data. Without ImageNet, a generated stream of natural-looking out-of-
+  distribution images stands in (`extra_batch_source`): multi-scale colour noise and oriented stripes.
+- Maps: student-teacher and student-autoencoder distances, each mapped by its 0.9 and 0.995 quantiles on
+  validation images to 0 and 0.1 (the `on_train_end` hook), averaged, upsampled to the input size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import backbone_info
+from ..errors import UadkitError
+from .base import AnomalyModel
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, act: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)]
+    return layers + [nn.ReLU(inplace=True)] if act else layers
+
+
+def student_pdn(out_channels: int, width: int) -> nn.Sequential:
+    """A patch description network at stride 8: 3 strided convolutions, then two 3x3 convolutions."""
+    return nn.Sequential(*_conv(3, width // 2, 4, 2), *_conv(width // 2, width, 4, 2), *_conv(width, width, 3, 2),
+                         *_conv(width, width, 3), *_conv(width, out_channels, 3, act=False))
+
+
+class AutoEncoder(nn.Module):
+    """Image -> 1x1 latent code -> teacher-shaped features at stride 8 (the bottleneck makes it global)."""
+
+    def __init__(self, out_channels: int, latent: int = 64) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(*_conv(3, 32, 4, 2), *_conv(32, 64, 4, 2), *_conv(64, 64, 4, 2),
+                                     *_conv(64, 64, 4, 2), nn.AdaptiveAvgPool2d(1),
+                                     nn.Conv2d(64, latent, 1))
+        self.decoder = nn.Sequential(*_conv(latent, 64, 3), *_conv(64, 64, 3), *_conv(64, 64, 3),
+                                     *_conv(64, 64, 3), nn.Dropout2d(0.2), *_conv(64, out_channels, 3, act=False))
+        self.latent = latent
+
+    def forward(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # a 64-number code needs no full-resolution input: half the size, a quarter of the encoder's cost
+        x = self.encoder(F.avg_pool2d(images, 2))
+        h, w = size
+        # upsample the code in steps (as the paper's decoder does), each followed by a convolution
+        steps = [(max(1, h // 8), max(1, w // 8)), (max(1, h // 4), max(1, w // 4)),
+                 (max(1, h // 2), max(1, w // 2)), (h, w)]
+        for (sh, sw), i in zip(steps, range(0, 8, 2)):
+            x = F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False)
+            x = self.decoder[i + 1](self.decoder[i](x))
+        return self.decoder[-1](self.decoder[-2](x))
+
+
+class EfficientAD(AnomalyModel):
+    name = "EfficientAD"
+    trainable = True
+    model_defaults = {"student_width": 64, "hard_quantile": 0.999, "penalty": True}
+    # Adam as in the paper, with far fewer steps than its 70,000 (CPU budget): a larger rate, cosine decay
+    train_defaults = {"epochs_iters": 20, "batch_size": 8, "learning_rate": 0.002, "weight_decay": 1e-5,
+                      "lr_scheduler": "cosine", "cache_teacher": True}
+
+    @classmethod
+    def check_config(cls, model_cfg: dict[str, Any]) -> None:
+        if not 0.5 <= model_cfg["hard_quantile"] < 1:
+            raise UadkitError(f"config key 'Model.hard_quantile': expected a value in [0.5, 1), "
+                              f"got {model_cfg['hard_quantile']}")
+        if model_cfg["student_width"] < 8:
+            raise UadkitError(f"config key 'Model.student_width': expected >= 8, got {model_cfg['student_width']}")
+
+    @classmethod
+    def check_train_config(cls, train_cfg: dict[str, Any]) -> None:
+        if train_cfg["lr_scheduler"] not in ("cosine", "none"):
+            raise UadkitError(f"config key 'Train.lr_scheduler': expected cosine or none, "
+                              f"got {train_cfg['lr_scheduler']!r}")
+
+    def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
+        super().__init__(model_cfg)
+        self.check_config(model_cfg)
+        self.teacher = self.frozen_backbone(backbone_info(model_cfg["backbone"]).patch_stages, pretrained)
+        c = sum(self.teacher.channels)
+        self.channels = c
+        self.student = student_pdn(2 * c, int(model_cfg["student_width"]))
+        self.autoencoder = AutoEncoder(c)
+        # teacher channel statistics (on_train_start) and map quantiles (on_train_end): buffers, so they are
+        # saved with the weights and part of the exported graph
+        self.register_buffer("teacher_mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("teacher_std", torch.ones(1, c, 1, 1))
+        self.register_buffer("quantiles", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # st q_a, q_b, ae q_a, q_b
+
+    def feature_size(self, images: torch.Tensor) -> tuple[int, int]:
+        h, w = images.shape[-2:]
+        return math.ceil(h / 8), math.ceil(w / 8)
+
+    def _teacher_raw(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.teacher(images)
+        size = feats[0].shape[-2:]
+        return torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                                       for f in feats[1:]], 1)
+
+    @torch.no_grad()
+    def training_targets(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [(self._teacher_raw(images) - self.teacher_mean) / self.teacher_std]
+
+    def _student(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        s = self.student(images)
+        return s if tuple(s.shape[-2:]) == size else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+
+    def _maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.training_targets(images)[0]
+        size = tuple(t.shape[-2:])
+        s = self._student(images, size)
+        a = self.autoencoder(images, size)
+        st = (t - s[:, :self.channels]).pow(2).mean(1, keepdim=True)
+        ae = (a - s[:, self.channels:]).pow(2).mean(1, keepdim=True)
+        return st, ae
+
+    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+        st, ae = self._maps(images)
+        q = self.quantiles
+        # each map's 0.9 quantile on good images -> 0, its 0.995 quantile -> 0.1 (the paper's normalisation)
+        st = 0.1 * (st - q[0]) / (q[1] - q[0])
+        ae = 0.1 * (ae - q[2]) / (q[3] - q[2])
+        return F.interpolate(0.5 * st + 0.5 * ae, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None,
+                      extra: torch.Tensor | None = None) -> torch.Tensor:
+        t = (targets if targets is not None else self.training_targets(images))[0]
+        size = tuple(t.shape[-2:])
+        s = self._student(images, size)
+        d = (t - s[:, :self.channels]).pow(2)
+        # hard-feature loss: only the worst-predicted feature elements teach the student
+        flat = d.flatten()
+        k = max(1, int(flat.numel() * (1 - self.cfg["hard_quantile"])))
+        loss_st = flat.topk(k).values.mean()
+        if extra is not None and self.cfg["penalty"]:
+            loss_st = loss_st + self._student(extra, size)[:, :self.channels].pow(2).mean()
+        a = self.autoencoder(images, size)
+        loss_ae = (t - a).pow(2).mean()
+        loss_stae = (a.detach() - s[:, self.channels:]).pow(2).mean()
+        return loss_st + loss_ae + loss_stae
+
+    def configure_optimizers(self, train_cfg: dict[str, Any]
+                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=train_cfg["epochs_iters"])
+                 if train_cfg["lr_scheduler"] == "cosine" else None)
+        return opt, sched
+
+    @torch.no_grad()
+    def on_train_start(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        # float64 sums over every position of every training image: the teacher's channel mean and std
+        n, s1, s2 = 0, 0.0, 0.0
+        for images in batches():
+            f = self._teacher_raw(images).double()
+            n += f.shape[0] * f.shape[2] * f.shape[3]
+            s1 = s1 + f.sum((0, 2, 3))
+            s2 = s2 + f.pow(2).sum((0, 2, 3))
+        mean = s1 / n
+        std = (s2 / n - mean**2).clamp_min(1e-12).sqrt()
+        self.teacher_mean.copy_(mean.view(1, -1, 1, 1).float())
+        self.teacher_std.copy_(std.view(1, -1, 1, 1).float().clamp_min(1e-6))
+
+    @torch.no_grad()
+    def on_train_end(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        sts, aes = [], []
+        for images in batches():
+            st, ae = self._maps(images)
+            sts.append(st.flatten())
+            aes.append(ae.flatten())
+        st, ae = torch.cat(sts), torch.cat(aes)
+        qs = []
+        for m in (st, ae):
+            qa, qb = torch.quantile(m[torch.randperm(len(m))[:1 << 24]] if len(m) > 1 << 24 else m,
+                                    torch.tensor([0.9, 0.995], device=m.device)).tolist()
+            qs += [qa, max(qb, qa + 1e-6)]  # a flat map must not divide by zero
+        self.quantiles.copy_(torch.tensor(qs))
+
+    def extra_batch_source(self, train_cfg: dict[str, Any]) -> Callable[[int, torch.Generator], torch.Tensor] | None:
+        # a quarter of the batch: the penalty is a mean, so fewer images only make it noisier, at less cost
+        return (lambda n, gen: penalty_images(max(1, n // 4), self.input_size, gen)) if self.cfg["penalty"] else None
+
+
+def penalty_images(n: int, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Out-of-distribution images standing in for ImageNet: colour noise summed over random scales, plus
+    oriented stripes, with random contrast; drawn at a quarter of the size and upsampled once (cheap)."""
+    h, w = max(8, size[0] // 4), max(8, size[1] // 4)
+    out = torch.zeros(n, 3, h, w)
+    for cells in (2, 4, 8, 16):
+        noise = torch.rand(n, 3, cells, cells, generator=gen) - 0.5
+        out += torch.rand(n, 1, 1, 1, generator=gen) * F.interpolate(noise, size=(h, w), mode="bilinear",
+                                                                     align_corners=False)
+    y = torch.linspace(0, 1, h).view(1, 1, h, 1)
+    x = torch.linspace(0, 1, w).view(1, 1, 1, w)
+    angle = torch.rand(n, 1, 1, 1, generator=gen) * math.pi
+    freq = 2 + 12 * torch.rand(n, 1, 1, 1, generator=gen)
+    phase = torch.rand(n, 1, 1, 1, generator=gen) * 2 * math.pi
+    stripes = torch.sin(2 * math.pi * freq * (x * torch.cos(angle) + y * torch.sin(angle)) + phase)
+    out += torch.rand(n, 1, 1, 1, generator=gen) * stripes * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)
+    out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
+    contrast = 0.5 + 1.5 * torch.rand(n, 1, 1, 1, generator=gen)
+    return (0.5 + contrast * out).clamp(0, 1)
