@@ -82,10 +82,11 @@ def test_sources_errors(tmp_path):
         resolve_sources(str(tmp_path / "empty"))
     with pytest.raises(UadkitError, match="no such file or folder"):
         resolve_sources(str(tmp_path / "nope.png"))
+    # a bad array is reported when loaded, so that the other inputs of a list still run
     with pytest.raises(UadkitError, match="dtype uint8"):
-        resolve_sources(np.zeros((4, 4, 3), np.float32))
+        resolve_sources(np.zeros((4, 4, 3), np.float32))[0].load()
     with pytest.raises(UadkitError, match="HxWx3"):
-        resolve_sources(np.zeros((4, 4, 2), np.uint8))
+        resolve_sources(np.zeros((4, 4, 2), np.uint8))[0].load()
 
 
 def test_prepare_image_resizes_and_scales():

@@ -293,8 +293,9 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
         try:
             return await handle(request, log_id)
         except RequestError as e:
-            # an unread body cannot be skipped on a kept-alive connection: close it
-            return _error(e.status, str(e), log_id, close=e.status in (408, 413))
+            # The rest of a refused body is read and dropped (a client still sending would otherwise see a
+            # reset instead of the 413); the header timeout bounds how long that may take.
+            return _error(e.status, str(e), log_id)
         except ClientDisconnect:
             log.info("request %s: client disconnected before sending its whole body", log_id)
             return Response(status_code=400)  # nobody is listening
