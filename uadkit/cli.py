@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, help="port (default 8080)")
     g.add_argument("--allow-url-fetch", action="store_true",
                    help="let requests name http(s) image URLs (only hosts given with --url-allow-host)")
-    g.add_argument("--url-allow-host", action="append", default=[], metavar="HOST")
+    g.add_argument("--url-allow-host", action="append", default=[], metavar="HOST[:PORT]")
     return p
 
 
