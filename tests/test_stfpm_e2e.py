@@ -157,19 +157,6 @@ def test_saved_model_is_self_contained_and_save_is_atomic(trained, tmp_path, mon
     assert os.listdir(tmp_path) == ["best_model"]
 
 
-def test_resume_continues_from_checkpoint(demo_dir, tmp_path):
-    out1, out2 = str(tmp_path / "a"), str(tmp_path / "b")
-    base = ["-c", "configs/STFPM.yaml", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={demo_dir}",
-            "-o", "Model.input_size=[96,96]", "-o", "Train.batch_size=8"]
-    assert main(base + ["-o", f"Global.output={out1}", "-o", "Train.epochs_iters=1"]) == 0
-    assert main(base + ["-o", f"Global.output={out2}", "-o", "Train.epochs_iters=2",
-                        "-o", f"Train.resume_path={out1}/checkpoints/last"]) == 0
-    hist = json.load(open(os.path.join(out2, "train_result.json")))["train"]["history"]
-    first = json.load(open(os.path.join(out1, "train_result.json")))["train"]["history"]
-    assert [h["epoch"] for h in hist] == [1, 2] and hist[0] == first[0]
-    assert "resumed from" in open(os.path.join(out2, "train.log")).read()
-
-
 def _run_cli(*args):
     return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, timeout=300)
 

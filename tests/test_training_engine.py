@@ -1,0 +1,154 @@
+"""The training engine's contract with models (optimiser, schedule, hooks, extra batches), resume, and every
+registered model through train -> save -> load -> ONNX export."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from uadkit import create_model
+from uadkit.cli import main
+from uadkit.config import load_config
+from uadkit.data.demo import make_demo_dataset
+from uadkit.data.formats import load_index
+from uadkit.engine.checkpoint import load_model_dir
+from uadkit.engine.export import OnnxModel
+from uadkit.engine.trainer import train_gradient
+from uadkit.models import MODELS, AnomalyModel
+
+TOL = 1e-4  # the export tests' stated tolerance
+
+
+@pytest.fixture(scope="module")
+def val_demo(tmp_path_factory) -> str:
+    """Small demo data with a validation/good folder (calibration needs a few good images it did not fit)."""
+    return make_demo_dataset(tmp_path_factory.mktemp("demo_val"), n_train=12, n_test_good=3, n_test_defect=2,
+                             size=64, n_val=8)
+
+
+class Tiny(AnomalyModel):
+    """One trainable number w. Training pulls w to 1; the validation loss is lowest at w = 0.3, so the best
+    epoch by validation loss is an early one and later epochs are worse (what resume must remember)."""
+
+    name = "Tiny"
+    trainable = True
+    train_defaults = {"epochs_iters": 4, "batch_size": 4, "learning_rate": 0.1, "cache_teacher": False}
+
+    def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
+        super().__init__(model_cfg)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.register_buffer("train_mean", torch.zeros(()))
+        self.register_buffer("val_max", torch.zeros(()))
+        self.calls: list[tuple[str, Any]] = []
+
+    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.mean(1, keepdim=True) - self.train_mean).abs() * self.w
+
+    def configure_optimizers(self, train_cfg):
+        self.calls.append(("configure_optimizers", float(self.train_mean)))
+        opt = torch.optim.SGD([self.w], lr=train_cfg["learning_rate"])
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    def on_train_start(self, batches):
+        images = torch.cat(list(batches()))
+        self.calls.append(("on_train_start", len(images)))
+        self.train_mean.fill_(float(images.mean()))
+
+    def on_train_end(self, batches):
+        images = torch.cat(list(batches()))
+        self.calls.append(("on_train_end", len(images)))
+        self.val_max.fill_(float(images.max()))
+
+    def extra_batch_source(self, train_cfg):
+        return lambda n, gen: torch.rand(n, 3, 8, 8, generator=gen)
+
+    def training_loss(self, images, targets, extra=None):
+        self.calls.append(("extra", None if extra is None else tuple(extra.shape)))
+        if self.training:
+            return (self.w - 1) ** 2 + 0 * extra.mean()
+        return (self.w - 0.3) ** 2
+
+
+def _tiny_run(monkeypatch, demo: str, out: str, **train: Any) -> tuple[Tiny, dict]:
+    monkeypatch.setitem(MODELS, "Tiny", Tiny)
+    cfg = load_config(None, ["Global.model=Tiny", "Model.input_size=[32,32]", f"Global.output={out}",
+                             *[f"Train.{k}={v}" for k, v in train.items()]])
+    model = Tiny(cfg["Model"])
+    index = load_index(demo, cfg["Train"]["val_split"], cfg["Global"]["seed"])
+    return model, train_gradient(model, index, cfg, out, torch.device("cpu"))
+
+
+def test_model_owns_optimiser_schedule_hooks_and_extra_batches(monkeypatch, val_demo, tmp_path):
+    model, info = _tiny_run(monkeypatch, val_demo, str(tmp_path))
+    names = [c[0] for c in model.calls]
+    # statistics first, then the optimiser (it may depend on them), training ..., then the end hook
+    assert model.calls[0] == ("on_train_start", 12)
+    assert model.calls[1] == ("configure_optimizers", pytest.approx(float(model.train_mean)))
+    assert model.calls[-1] == ("on_train_end", 8) and names.count("on_train_end") == 1
+    assert float(model.train_mean) > 0 and float(model.val_max) > 0  # the hooks' results stay in the model
+    extras = [c[1] for c in model.calls if c[0] == "extra"]
+    # 3 training batches of 4 with a 4-image extra batch each, then the validation pass without one, per epoch
+    assert extras == ([(4, 3, 8, 8)] * 3 + [None] * 2) * 4
+    # the model's StepLR, stepped once per epoch, not the default cosine
+    assert [h["lr"] for h in info["history"]] == [0.1, 0.05, 0.025, 0.0125]
+    assert info["best_epoch"] == 1 and float(model.w) == pytest.approx(1 - 0.8**3, abs=1e-6)
+
+
+def test_resume_keeps_the_best_epoch_and_reproduces_the_run(monkeypatch, val_demo, tmp_path):
+    _, whole = _tiny_run(monkeypatch, val_demo, str(tmp_path / "a"), save_interval=1)
+    ck = str(tmp_path / "a" / "checkpoints" / "epoch_2")
+    resumed_model, resumed = _tiny_run(monkeypatch, val_demo, str(tmp_path / "b"), resume_path=ck)
+    assert resumed["history"] == whole["history"]
+    # epoch 1 was best and lies before the resume point: the resumed run still returns its weights
+    assert resumed["best_epoch"] == whole["best_epoch"] == 1
+    assert float(resumed_model.w) == pytest.approx(1 - 0.8**3, abs=1e-6)
+
+
+def test_stfpm_resume_reproduces_an_uninterrupted_run(val_demo, tmp_path):
+    base = ["-c", "configs/STFPM.yaml", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={val_demo}",
+            "-o", "Model.input_size=[64,64]", "-o", "Train.batch_size=4", "-o", "Train.epochs_iters=3",
+            "-o", "Train.export=false"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(base + ["-o", f"Global.output={a}", "-o", "Train.save_interval=1"]) == 0
+    assert main(base + ["-o", f"Global.output={b}", "-o", f"Train.resume_path={a}/checkpoints/epoch_1"]) == 0
+    ra, rb = (json.load(open(os.path.join(d, "train_result.json")))["train"] for d in (a, b))
+    assert rb["history"] == ra["history"] and rb["best_epoch"] == ra["best_epoch"]
+    assert "resumed from" in open(os.path.join(b, "train.log")).read()
+    ma, _ = load_model_dir(os.path.join(a, "best_model"))
+    mb, _ = load_model_dir(os.path.join(b, "best_model"))
+    assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_trains_saves_loads_and_exports(name, val_demo, tmp_path):
+    det = create_model(name, input_size=[64, 64], run_mode="torch")
+    res = det.train(dataset_dir=val_demo, output=str(tmp_path / "o"), epochs_iters=2, batch_size=4)
+    assert res["done_flag"] and res["model"] == name
+    if det.model.trainable:
+        assert len(res["train"]["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in res["train"]["history"])
+    test_dir, best = os.path.join(val_demo, "test"), det.model_dir
+    before = list(det.predict(test_dir, batch_size=4))
+    det.save(str(tmp_path / "saved"))
+    loaded = create_model(model_dir=str(tmp_path / "saved"), run_mode="torch")
+    after = list(loaded.predict(test_dir, batch_size=4))
+    # the trained model in memory vs its saved copy: equal up to float summation order (PaDiM's in-memory
+    # inverse covariances are laid out differently from the loaded, contiguous ones)
+    assert np.allclose([r["raw_score"] for r in before], [r["raw_score"] for r in after], rtol=1e-5, atol=1e-6)
+    # two loads of saved copies: bit-identical
+    again = list(create_model(model_dir=best, run_mode="torch").predict(test_dir, batch_size=4))
+    assert [r["raw_score"] for r in again] == [r["raw_score"] for r in after]
+    assert all(np.array_equal(x["anomaly_map"], y["anomaly_map"]) for x, y in zip(again, after))
+    # one ONNX graph for the whole scoring path, equal to torch
+    model, _ = load_model_dir(best)
+    onnx = OnnxModel(best)  # Train.export is on: training wrote the graph
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.scores(x)
+    for r, g in zip(ref, onnx.scores(x)):
+        assert r.shape == g.shape
+        assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
