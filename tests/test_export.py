@@ -61,3 +61,43 @@ def test_cli_export_mode_rewrites_inference_folder(trained, tmp_path):
     assert not [d for d in os.listdir(best) if d.startswith(".")]  # no temp folders left
     rc = main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=export", "-o", f"Export.model_dir={tmp_path}"])
     assert rc == 2
+
+
+@pytest.mark.parametrize("run_mode", sorted(__import__("uadkit.runtimes", fromlist=["RUNTIMES"]).RUNTIMES))
+def test_every_runtime_equals_torch_and_is_listed(exported, run_mode):
+    """Each registered runtime's artefact sits in inference/, is listed in inference.yml, and scores as torch."""
+    from uadkit.runtimes import RUNTIMES, load_runtime
+
+    spec = RUNTIMES[run_mode]
+    info = yaml.safe_load(open(os.path.join(exported.model_dir, "inference", "inference.yml")))
+    if spec.artefact:
+        assert info["artefacts"][run_mode] == spec.artefact
+        assert os.path.isfile(os.path.join(exported.model_dir, "inference", spec.artefact))
+    model, _ = load_model_dir(exported.model_dir)
+    rt = load_runtime(run_mode, exported.model_dir, model).to(torch.device("cpu")).eval()
+    assert rt.name == exported.name and tuple(rt.input_size) == (64, 64)
+    for batch in (1, 3):
+        x = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref = model.scores(x)
+        for r, g in zip(ref, rt.scores(x)):
+            assert r.shape == g.shape
+            assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
+
+
+def test_evaluate_runs_any_runtime_with_equal_metrics(exported, demo_dir, tmp_path):
+    from uadkit.runtimes import RUNTIMES
+
+    res = {m: exported.evaluate(demo_dir, **{"Evaluate.run_mode": m, "Global.output": str(tmp_path / m)})
+           for m in RUNTIMES}
+    for m, r in res.items():
+        assert r["run_mode"] == m
+        assert r["image"]["auroc"] == pytest.approx(res["torch"]["image"]["auroc"], abs=1e-3)
+        assert r["pixel"]["auroc"] == pytest.approx(res["torch"]["pixel"]["auroc"], abs=1e-3)
+
+
+def test_unknown_run_mode_is_a_one_line_config_error(exported):
+    from uadkit.errors import UadkitError
+
+    with pytest.raises(UadkitError, match="Predict.run_mode.*torch, onnxruntime, openvino"):
+        create_model(model_dir=exported.model_dir, run_mode="tensorrt")

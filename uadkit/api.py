@@ -127,17 +127,23 @@ class AnomalyDetector:
                          max_pixels or self.cfg["Predict"]["max_pixels"])
 
     def scorer(self):
-        """What runs the scoring path: the torch model, or its exported graph under ONNX Runtime."""
-        if self.cfg["Predict"]["run_mode"] != "onnxruntime":
-            return self.model
-        if self._onnx is None:
-            from .engine.export import OnnxModel, export_onnx
+        """What runs the scoring path for `Predict.run_mode`: the torch model, or an exported artefact
+        (exported on first use if the model folder has none)."""
+        from .runtimes import runtime_spec
 
+        spec = runtime_spec(self.cfg["Predict"]["run_mode"])
+        if spec.artefact is None:
+            return self.model
+        if self._onnx is None or getattr(self, "_runtime_mode", None) != spec.name:
             if not self.model_dir:
-                raise UadkitError("run_mode onnxruntime needs a saved model: train it or load it from a model_dir")
-            if not os.path.isfile(os.path.join(self.model_dir, "inference", "model.onnx")):
+                raise UadkitError(f"run_mode {spec.name} needs a saved model: train it or load it from a model_dir")
+            if not os.path.isfile(os.path.join(self.model_dir, "inference", spec.artefact)):
+                from .engine.export import export_onnx
+
                 export_onnx(self.model, self.model_dir, self.cfg["Export"]["opset"])
-            self._onnx = OnnxModel(self.model_dir)
+                self.model.to(main_device(self.cfg["Global"]["device"]))
+            self._onnx = spec.load(self.model_dir, self.model, self.cfg["Global"]["device"])
+            self._runtime_mode = spec.name
         return self._onnx
 
     def export(self, opset: int | None = None) -> str:
@@ -175,7 +181,9 @@ class AnomalyDetector:
         cfg = apply_kwargs(self.cfg, overrides, ("Evaluate", "Global"))
         if not self.is_trained:
             raise UadkitError(f"this {self.name} model is not trained; nothing to evaluate")
-        return evaluate(self.model, cfg)
+        from .runtimes import load_runtime
+
+        return evaluate(self.model, cfg, load_runtime(cfg["Evaluate"]["run_mode"], self.model_dir, self.model))
 
 
 def _train_worker(cfg: dict[str, Any], ctx) -> None:

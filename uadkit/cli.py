@@ -91,9 +91,11 @@ def run_train(cfg: dict) -> dict[str, Any]:
 def run_evaluate(cfg: dict) -> dict[str, Any]:
     from .engine.checkpoint import load_model_dir
     from .engine.evaluate import evaluate
+    from .runtimes import load_runtime
 
-    model, _ = load_model_dir(_model_dir(cfg, "Evaluate"))
-    return evaluate(model, cfg)
+    model_dir = _model_dir(cfg, "Evaluate")
+    model, _ = load_model_dir(model_dir)
+    return evaluate(model, cfg, load_runtime(cfg["Evaluate"]["run_mode"], model_dir, model))
 
 
 def _predict_shard(cfg: dict, ctx) -> list[dict[str, Any]] | None:

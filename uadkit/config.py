@@ -17,7 +17,6 @@ from .errors import UadkitError
 
 MODES = ("check_dataset", "train", "evaluate", "predict", "export", "calibrate", "demo")
 
-RUN_MODES = ("torch", "onnxruntime")
 
 # One pixel budget for every entry point (CLI, API, pipeline, service), checked from the image header before
 # decoding: about 5000 x 5000 px, a 25 MP camera. A prediction costs about 20 bytes of memory per pixel.
@@ -61,7 +60,8 @@ COMMON: dict[str, dict[str, Any]] = {
         "save_interval": 0,        # epochs between extra checkpoints; 0 = only last and best
         "export": True,            # write best_model/inference (ONNX) at the end of training
     },
-    "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6},
+    "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6,
+                 "run_mode": "torch"},  # any runtime: its accuracy is measured by the same evaluate
     "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True,
                 # onnxruntime measured faster than torch for every model at equal results (bench_runtime.py)
                 "run_mode": "onnxruntime", "num_workers": 0,
@@ -254,9 +254,12 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     backbone_info(m["backbone"])
     model_class(g["model"]).check_config(m)
     model_class(g["model"]).check_train_config(t)
-    if cfg["Predict"]["run_mode"] not in RUN_MODES:
-        raise UadkitError(f"config key 'Predict.run_mode': expected one of {', '.join(RUN_MODES)}, "
-                          f"got {cfg['Predict']['run_mode']!r}")
+    from .runtimes import RUNTIMES
+
+    for section in ("Predict", "Evaluate"):
+        if cfg[section]["run_mode"] not in RUNTIMES:
+            raise UadkitError(f"config key '{section}.run_mode': expected one of {', '.join(RUNTIMES)}, "
+                              f"got {cfg[section]['run_mode']!r}")
     dev = str(g["device"])
     if not (dev == "cpu" or dev.startswith(("gpu", "cuda"))):
         raise UadkitError(f"config key 'Global.device': expected cpu, gpu, gpu:0 or gpu:0,1, got {dev!r}")

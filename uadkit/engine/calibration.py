@@ -39,7 +39,7 @@ CALIBRATION_KEYS = ("image_threshold", "image_scale_low", "image_scale_high",
                     "pixel_threshold", "pixel_scale_low", "pixel_scale_high")
 ESTIMATORS = ("auto", "empirical", "normal", "lognormal", "gpd")
 AUTO_MIN_EXCEEDANCES = 50  # auto: the sample quantile only once n x rate scores lie above it (measured)
-MIN_GOOD = 5
+MIN_TAIL_FIT = 16  # fewer good scores than this: no tail model (8 upper points at least), the sample quantile
 
 
 @dataclass
@@ -91,12 +91,12 @@ def _gpd_sf(x: float, k: float, sigma: float) -> float:
 def fit_tail(good: np.ndarray, method: str, rate: float) -> TailFit:
     """Fit `method` to the good scores (`auto` resolves to a concrete method for this n and rate)."""
     g = np.sort(np.asarray(good, dtype=np.float64))
-    if g.size < MIN_GOOD:
-        raise UadkitError(f"calibration needs at least {MIN_GOOD} good images it was not fitted on, got {g.size}")
+    if g.size == 0:
+        raise UadkitError("calibration needs good images the model was not fitted on, got none")
     if method == "auto":
         method = "empirical" if g.size * rate >= AUTO_MIN_EXCEEDANCES else "gpd"
-    sd = float(g.std(ddof=1))
-    if method == "empirical" or sd <= 0:
+    sd = float(g.std(ddof=1)) if g.size > 1 else 0.0
+    if method == "empirical" or sd <= 0 or g.size < MIN_TAIL_FIT:
         return TailFit("empirical", g, {})
     if method == "normal":
         return TailFit(method, g, {"mu": float(g.mean()), "sd": sd})

@@ -38,7 +38,9 @@ def raw_threshold(model: AnomalyModel, norm_threshold: float) -> tuple[float, fl
     return it + (il if logit < 0 else ih) * logit, pt + (pl if logit < 0 else ph) * logit
 
 
-def evaluate(model: AnomalyModel, cfg: dict[str, Any]) -> dict[str, Any]:
+def evaluate(model: AnomalyModel, cfg: dict[str, Any], scorer=None) -> dict[str, Any]:
+    """Metrics of `model` on the test split; `scorer` (a runtime from uadkit.runtimes, default the torch
+    model) runs the scoring, so every runtime's accuracy is measured by this same code."""
     g = cfg["Global"]
     out = g["output"]
     setup_logging(None)
@@ -53,11 +55,11 @@ def evaluate(model: AnomalyModel, cfg: dict[str, Any]) -> dict[str, Any]:
     it_raw, pt_raw = raw_threshold(model, thr_norm)
     has_masks = any(s.mask for s in samples if s.label)
     scores, labels, maxima, maps, masks = collect_scores(
-        model, samples, device, cfg["Evaluate"]["batch_size"], "evaluating", keep_maps=has_masks)
+        scorer or model, samples, device, cfg["Evaluate"]["batch_size"], "evaluating", keep_maps=has_masks)
     labels = labels.astype(bool)
     res: dict[str, Any] = {"model": model.name, "dataset": os.path.abspath(index.root), "dataset_type": index.type,
                            "num_images": len(samples), "num_anomalous": int(labels.sum()),
-                           "threshold": thr_norm}
+                           "threshold": thr_norm, "run_mode": cfg["Evaluate"]["run_mode"]}
     image: dict[str, Any] = {"auroc": None, "aupr": None, "f1_max": None, "f1_max_threshold": None}
     both = labels.any() and (~labels).any()
     if both:

@@ -1,7 +1,8 @@
 """Export the full scoring path (backbone, anomaly map, smoothing, normalisation) to ONNX.
 
-Writes `<model_dir>/inference/model.onnx` and `inference.yml` (input size, model name, thresholds,
-uadkit version). Images go in as float32 (B, 3, H, W) in [0, 1]; the backbone's normalisation is inside
+Writes `<model_dir>/inference/model.onnx`, every other runtime's artefact built from it (uadkit/runtimes:
+OpenVINO IR, ...) and `inference.yml` (input size, model name, thresholds, uadkit version, the artefacts).
+Images go in as float32 (B, 3, H, W) in [0, 1]; the backbone's normalisation is inside
 the graph. Out come raw_map, raw_score, norm_map, norm_score; resizing to the original image size
 happens outside, in the shared predictor.
 """
@@ -64,6 +65,18 @@ def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
             "calibration": {k: float(v) for k, v in zip(CALIBRATION_KEYS, model.calibration)},
             "Model": model.cfg,
         }
+        # every exported runtime's artefact, built from this graph, side by side
+        from ..runtimes import RUNTIMES
+
+        artefacts = {}
+        for spec in RUNTIMES.values():
+            if spec.artefact == "model.onnx":
+                artefacts[spec.name] = spec.artefact
+            elif spec.build is not None:
+                built = spec.build(os.path.join(tmp, "model.onnx"), tmp)
+                if built:
+                    artefacts[spec.name] = built
+        info["artefacts"] = artefacts
         with open(os.path.join(tmp, "inference.yml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(info, f, sort_keys=False)
         if os.path.exists(final):
@@ -76,36 +89,6 @@ def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
     return final
 
 
-class OnnxModel:
-    """ONNX Runtime stand-in for an AnomalyModel in the shared predictor (same `scores` contract)."""
+from ..runtimes.onnx import OnnxRuntimeModel as OnnxModel  # noqa: E402  (the name older code imports)
 
-    def __init__(self, model_dir: str, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise UadkitError("run_mode onnxruntime needs the onnxruntime package: pip install onnxruntime") from e
-        folder = os.path.join(model_dir, "inference")
-        path = os.path.join(folder, "model.onnx")
-        if not os.path.isfile(path):
-            raise UadkitError(f"{model_dir}: no exported model (inference/model.onnx); run -o Global.mode=export")
-        with open(os.path.join(folder, "inference.yml"), encoding="utf-8") as f:
-            self.info = yaml.safe_load(f)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        self.name = self.info["model"]
-        self.input_size = tuple(self.info["input_size"])
-        self.is_calibrated = True
-
-    def to(self, device: torch.device) -> OnnxModel:
-        if device.type != "cpu":
-            raise UadkitError("run_mode onnxruntime runs on the CPU here; use Global.device=cpu")
-        return self
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def scores(self, images: torch.Tensor):
-        outs = self.session.run(None, {"images": images.cpu().numpy()})
-        return tuple(torch.from_numpy(o) for o in outs)
+__all__ = ["OUTPUTS", "OnnxModel", "export_onnx"]
