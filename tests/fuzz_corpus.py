@@ -171,7 +171,9 @@ def make_corpus(root: str) -> list[Case]:
                        ("signature_only.png", b"\x89PNG\r\n\x1a\n"), ("soi_only.jpg", b"\xff\xd8"),
                        ("gif_header_only.gif", b"GIF89a"), ("bm_only.bmp", b"BM"),
                        ("riff_only.webp", b"RIFF\x00\x00\x00\x00WEBP"), ("tiff_header_only.tif", b"II*\x00"),
-                       ("mm_tiff_header.tif", b"MM\x00*\x00\x00\x00\x08\x00\x00")):
+                       ("mm_tiff_header.tif", b"MM\x00*\x00\x00\x00\x08\x00\x00"),
+                       ("postscript.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"),
+                       ("fits.jpg", b"SIMPLE  =                    T" + b" " * 50 + b"END" + b" " * 77)):
         add(name, data, "not an image", MUST_FAIL)
     for k in range(6):
         add(f"random_{k}.png", rng.integers(0, 256, int(rng.integers(1, 4000)), dtype=np.uint8).tobytes(),

@@ -25,6 +25,12 @@ from ..config import DEFAULT_MAX_PIXELS
 from ..errors import UadkitError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# Raster formats we decode, whatever the file is called. Not the rest of Pillow's readers: EPS would run
+# Ghostscript on the input, and the rarely used ones (FITS, SPIDER, PCD...) are attack surface for nothing.
+Image.init()
+IMAGE_FORMATS = tuple(f for f in ("PNG", "JPEG", "MPO", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "PCX", "ICO",
+                                  "TGA", "JPEG2000", "SGI", "QOI", "AVIF")
+                      if f in Image.OPEN)  # only those this Pillow was built with (Image.open wants no others)
 URL_TIMEOUT_S = 20
 URL_MAX_BYTES = 50 * 1024 * 1024
 URL_MAX_REDIRECTS = 3
@@ -149,7 +155,7 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
 def _decode(f, name: str, max_pixels: int, setting: str = "Predict.max_pixels") -> np.ndarray:
     """Header first (format and size, checked against the budget), then the pixels of the first frame."""
     try:
-        img = Image.open(f)
+        img = Image.open(f, formats=IMAGE_FORMATS)
     except UnidentifiedImageError as e:
         raise UadkitError(f"{name}: not an image (unrecognised format)") from e
     except Image.DecompressionBombError as e:

@@ -34,7 +34,15 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..data.image_io import ImageSource, check_pixels, decode_image_bytes, fetch_url, host_allowed, quiet_pil_warnings
+from ..data.image_io import (
+    IMAGE_FORMATS,
+    ImageSource,
+    check_pixels,
+    decode_image_bytes,
+    fetch_url,
+    host_allowed,
+    quiet_pil_warnings,
+)
 from ..errors import UadkitError
 from ..pipeline import AnomalyDetectionPipeline
 from ..visualize import overlay
@@ -128,7 +136,7 @@ class PixelBudget:
 def _probe(data: bytes, max_pixels: int) -> int:
     """Pixels of the image in `data`, from its header only: huge images are refused before decoding."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
             w, h = probe.size
     except Exception as e:
         raise RequestError(400, f"image: not a decodable image ({type(e).__name__})") from e
@@ -224,14 +232,22 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def read_body(request: Request) -> bytes:
+        too_big = RequestError(413, f"request body larger than {s['max_body_mb']} MB")
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            raise RequestError(413, f"request body larger than {s['max_body_mb']} MB")
-        body = bytearray()
+        if length is not None and (not length.isdigit() or int(length) > 4 * max_body):
+            raise too_big  # far too big: answered at once (the connection closes, a sending client sees a reset)
+        body, size = bytearray(), 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body:
-                raise RequestError(413, f"request body larger than {s['max_body_mb']} MB")
+            size += len(chunk)
+            if size <= max_body:
+                body += chunk
+            elif size > 4 * max_body:
+                raise too_big
+        # A body over the limit is read to its end and dropped (bounded by body_timeout_s and 4x the limit):
+        # answering before it is all in makes the server close the connection, and the client, still sending,
+        # would see a reset instead of its 413.
+        if size > max_body:
+            raise too_big
         return bytes(body)
 
     async def image_bytes(payload: Any) -> tuple[str, bytes]:
@@ -293,8 +309,6 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
         try:
             return await handle(request, log_id)
         except RequestError as e:
-            # The rest of a refused body is read and dropped (a client still sending would otherwise see a
-            # reset instead of the 413); the header timeout bounds how long that may take.
             return _error(e.status, str(e), log_id)
         except ClientDisconnect:
             log.info("request %s: client disconnected before sending its whole body", log_id)
