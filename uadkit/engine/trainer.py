@@ -276,15 +276,13 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
             log.warning("no validation images: calibrating on the training images (thresholds will be optimistic)")
         cal = calibrate_on_samples(model, cal_samples, cfg, device, "validation" if index.val else "training")
     cal_s = time.time() - t1
+    # weights, model.yaml and the exported artefacts are swapped in together: never a graph of another model
     best_dir = save_model_dir(model, os.path.join(out, "best_model"),
                               extra={"trained_on": os.path.abspath(index.root),
-                                     "calibration_info": {k: v for k, v in cal.items() if k != "scores"}})
-    exported = None
-    if cfg["Train"]["export"]:
-        from .export import export_onnx
-
-        exported = export_onnx(model, best_dir, cfg["Export"]["opset"])
-        model.to(device)
+                                     "calibration_info": {k: v for k, v in cal.items() if k != "scores"}},
+                              export_opset=cfg["Export"]["opset"] if cfg["Train"]["export"] else None)
+    exported = os.path.join(best_dir, "inference") if cfg["Train"]["export"] else None
+    model.to(device)
     result = {
         "done_flag": True,
         "model": model.name,
