@@ -27,3 +27,28 @@ def trained(tmp_path_factory, demo_dir) -> str:
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the session (Debian's package); skipped only where it is not installed."""
+    from pg_server import pg_bin, postgres_server
+
+    if pg_bin() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install Debian's postgresql (scripts/setup.sh test does)")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql; scripts/setup.sh test installs it)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_server, request):
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import re
+    import uuid
+
+    from pg_server import create_database
+
+    name = re.sub(r"\W", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+    return create_database(pg_server, name)
