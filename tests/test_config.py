@@ -36,6 +36,11 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("Global.model=NoSuchModel", "unknown model 'NoSuchModel'"),
     ("Train.batch_size=1.5", "Train.batch_size"),
     ("Global.device=tpu", "Global.device"),
+    ("Train.calibration.false_alarm_rate=0.5", "Train.calibration.false_alarm_rate"),
+    ("Calibrate.false_alarm_rate=[]", "Calibrate.false_alarm_rate"),
+    ("Train.calibration.estimator=guess", "Train.calibration.estimator"),
+    ("Train.calibration.out_of_fold_images=2", "Train.calibration.out_of_fold_images"),
+    ("Evaluate.run_mode=tensorrt", "Evaluate.run_mode"),
 ])
 def test_bad_values_are_errors_naming_the_key(override, needle):
     with pytest.raises(UadkitError, match=needle):

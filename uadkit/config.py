@@ -233,7 +233,7 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
         raise UadkitError(f"config key 'Model.input_size': expected [height, width] integers in 32..4096, got {size}")
     for key, rate in (("Train.calibration.false_alarm_rate", t["calibration"]["false_alarm_rate"]),
                       ("Calibrate.false_alarm_rate", cfg["Calibrate"]["false_alarm_rate"])):
-        if rate is not None and not 0 < rate < 0.5:
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate < 0.5):
             raise UadkitError(f"config key '{key}': expected a share of good parts in (0, 0.5), e.g. 0.02, got {rate}")
     from .engine.calibration import ESTIMATORS
 
