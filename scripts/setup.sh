@@ -22,4 +22,12 @@ if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
     echo "note: chromium not installed; the web page test will be skipped (CI installs it)"
   fi
 fi
+if [ "${1:-}" = "test" ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  # The record store tests start a throwaway PostgreSQL server from Debian's package (as the postgres user).
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "note: postgresql not installed; the PostgreSQL record store tests will be skipped (CI installs it)"
+  fi
+fi
 python -c "import torch, uadkit; print('uadkit', uadkit.__version__, '| torch', torch.__version__)"

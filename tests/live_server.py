@@ -25,7 +25,7 @@ def free_port() -> int:
 def live_server(model_dir: str, folder, **serving):
     """Yields (base_url, process, log_path); the log holds everything the server printed."""
     cfg = yaml.safe_load(open("configs/pipelines/anomaly_detection.yaml"))
-    cfg["Serving"].update(serving)
+    cfg["Serving"].update({"records_dir": str(folder / "records"), **serving})  # never the repo's output/
     (folder / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     log_path = folder / "server.log"

@@ -376,7 +376,7 @@ def test_batch_statistics_are_bounded(trained):
 
     cfg = load_pipeline_config("anomaly_detection")
     cfg["SubModules"]["AnomalyDetection"]["model_dir"] = os.path.join(trained, "best_model")
-    cfg["Serving"].update({"max_batch": 3, "batch_wait_ms": 30})
+    cfg["Serving"].update({"max_batch": 3, "batch_wait_ms": 30, "record": False})
     image = file_b64(os.path.join(ASSETS, "coffee.jpg"))
     with TestClient(create_app(AnomalyDetectionPipeline(cfg))) as client:
         with ThreadPoolExecutor(6) as pool:

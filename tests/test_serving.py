@@ -49,7 +49,8 @@ def _free_port() -> int:
 def server(trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     cfg = yaml.safe_load(open("configs/pipelines/anomaly_detection.yaml"))
-    cfg["Serving"].update({"max_pixels": MAX_PIXELS, "max_body_mb": 1, "max_batch": 4, "batch_wait_ms": 20})
+    cfg["Serving"].update({"max_pixels": MAX_PIXELS, "max_body_mb": 1, "max_batch": 4, "batch_wait_ms": 20,
+                           "records_dir": str(folder / "records")})
     (folder / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--pipeline", str(folder / "pipe.yaml"),
@@ -160,7 +161,8 @@ def test_url_fetch_allowed_only_for_listed_hosts(trained, demo_dir, tmp_path):
     threading.Thread(target=files.serve_forever, daemon=True).start()
     cfg = load_pipeline_config("anomaly_detection")
     cfg["SubModules"]["AnomalyDetection"]["model_dir"] = os.path.join(trained, "best_model")
-    cfg["Serving"].update({"allow_url_fetch": True, "url_allow_hosts": ["127.0.0.1"]})
+    cfg["Serving"].update({"allow_url_fetch": True, "url_allow_hosts": ["127.0.0.1"],
+                           "records_dir": str(tmp_path / "records")})
     try:
         with TestClient(create_app(AnomalyDetectionPipeline(cfg))) as client:
             url = f"http://127.0.0.1:{files.server_address[1]}/test/stain/000.png"

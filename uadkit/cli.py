@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-url-fetch", action="store_true",
                    help="let requests name http(s) image URLs (only hosts given with --url-allow-host)")
     g.add_argument("--url-allow-host", action="append", default=[], metavar="HOST[:PORT]")
+    g.add_argument("--db", metavar="URL", help="record store, an SQLAlchemy URL: sqlite:///FILE (default: "
+                   "records.db in --records-dir) or postgresql://USER@HOST/DB")
+    g.add_argument("--records-dir", help="folder of the default database and the stored images (output/records)")
+    g.add_argument("--token", help="token for the review page and write endpoints (or UADKIT_TOKEN); needed "
+                   "when --host is not loopback")
     return p
 
 
@@ -45,6 +50,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if args.allow_url_fetch:
         cfg["Serving"]["allow_url_fetch"] = True
     cfg["Serving"]["url_allow_hosts"] = list(cfg["Serving"]["url_allow_hosts"]) + args.url_allow_host
+    for key, value in (("db", args.db), ("records_dir", args.records_dir), ("token", args.token)):
+        if value:
+            cfg["Serving"][key] = value
     if args.serve:
         _require_serve_extra()  # before the model loads: a missing extra is one line, not a traceback
     elif not args.input:
@@ -113,16 +121,31 @@ def _predict_shard(cfg: dict, ctx) -> list[dict[str, Any]] | None:
     mine = [sources[i] for i in ctx.shard(list(range(len(sources))))]
     out = os.path.join(cfg["Global"]["output"], "predict")
     summary: list[dict[str, Any]] = []
+    store, version = None, ""
+    if p["record"]:  # one record store per process: PostgreSQL or SQLite (WAL) take the writers in turn
+        from .serving import records
+
+        store = records.open_store(p["db"], os.path.join(cfg["Global"]["output"], "records"))
+        version = records.model_version(_model_dir(cfg, "Predict"))
     run = det.predict(mine, batch_size=p["batch_size"], threshold=p["threshold"], num_workers=p["num_workers"],
                       on_error=p["on_error"], max_pixels=p["max_pixels"]) if mine else None
     try:
         for item in run.outcomes() if run else []:
             summary.append(_report(item, out, p["save_images"], single=len(sources) == 1, quiet=ctx.active))
+            if store and "error" not in summary[-1]:
+                store.add(_pending(item, det.name, version))
     except UadkitError:
         if run and run.failures and not ctx.active:  # on_error=stop: keep what was done, then stop
             summary.append(_failure_entry(run.failures[-1]))
             _write_summary(cfg, summary)
         raise
+    finally:
+        if store:
+            store.close()  # writes what is queued
+            st = store.stats()
+            if st["failed"] or st["dropped"]:
+                print(f"uadkit: warning: {st['failed'] + st['dropped']} decisions not recorded ({st['last_error']})",
+                      file=sys.stderr)
     if not ctx.active:
         return summary
     import torch.distributed as dist
@@ -136,6 +159,23 @@ def _predict_shard(cfg: dict, ctx) -> list[dict[str, Any]] | None:
         merged[r::ctx.world] = part
     _write_summary(cfg, merged)
     return merged
+
+
+def _pending(res, model_name: str, version: str):
+    """The record of one predicted file: its hash is of the file's bytes, as the service hashes uploads."""
+    import hashlib
+
+    from .serving.records import pending_from_result
+
+    path = str(res["input_path"])
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError:  # a URL
+        import numpy as np
+
+        digest = hashlib.sha256(np.ascontiguousarray(res._image).tobytes()).hexdigest()
+    return pending_from_result(res, path, digest, model_name, version)
 
 
 def _failure_entry(f) -> dict[str, Any]:
@@ -251,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.pipeline or args.serve:
             return run_pipeline(args)
         cfg = load_config(args.config, args.override)
+        if args.db:
+            cfg["Predict"]["db"] = args.db
         mode = cfg["Global"]["mode"]
         if mode == "check_dataset":
             return run_check_dataset(cfg)

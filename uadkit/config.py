@@ -47,6 +47,10 @@ COMMON: dict[str, dict[str, Any]] = {
         "input_size": [256, 256],  # height, width
         "pretrained_path": None,   # local ImageNet state_dict instead of the default weight source
         "smoothing_sigma": 4.0,    # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
+        # high-resolution images (data/tiling.py): {tile_size: [h, w], stride: [h, w]} in original pixels; each
+        # tile is resized to input_size, maps are stitched back at the original size
+        "tiling": None,
+        "roi": None,               # region inspected: [[x0, y0, x1, y1], ...] in image pixels or a mask image
     },
     "Train": {
         "epochs_iters": 1,
@@ -66,7 +70,9 @@ COMMON: dict[str, dict[str, Any]] = {
                 # onnxruntime measured faster than torch for every model at equal results (bench_runtime.py)
                 "run_mode": "onnxruntime", "num_workers": 0,
                 "max_pixels": DEFAULT_MAX_PIXELS,  # larger images are refused from their header, before decoding
-                "on_error": "skip"},               # skip: go on past bad inputs (listed, exit 1) | stop
+                "on_error": "skip",                # skip: go on past bad inputs (listed, exit 1) | stop
+                # record each decision (serving/records.py) in Predict.db, default Global.output/records/records.db
+                "record": False, "db": None},
     "Export": {"model_dir": None, "opset": 17},
     # Re-fit only the thresholds of a trained model from Global.dataset_dir (good images, labelled defects).
     "Calibrate": {"model_dir": None, "false_alarm_rate": None, "batch_size": 8},
@@ -148,12 +154,10 @@ def set_key(cfg: dict, schema: dict, parts: list[str], value: Any) -> None:
 
 def _merge_file(cfg: dict, schema: dict, data: dict, prefix: list[str]) -> None:
     for k, v in data.items():
-        if isinstance(v, dict):
-            sub = schema
-            for p in prefix + [k]:
-                sub = sub.get(p) if isinstance(sub, dict) else None
-            if not isinstance(sub, dict):
-                raise _lookup_error(schema, prefix + [k])
+        sub = schema
+        for p in prefix + [k]:
+            sub = sub.get(p) if isinstance(sub, dict) else None
+        if isinstance(v, dict) and isinstance(sub, dict):
             _merge_file(cfg, schema, v, prefix + [k])
         else:
             set_key(cfg, schema, prefix + [k], v)
@@ -252,6 +256,12 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     from .models import model_class
 
     backbone_info(m["backbone"])
+    from .data.tiling import check_roi, check_tiling
+
+    if check_tiling(m["tiling"]) and model_class(g["model"]).position_tied:
+        raise UadkitError(f"config key 'Model.tiling': {g['model']} keeps statistics per position, which tiles "
+                          "would mix; use PatchCore or STFPM for tiling")
+    check_roi(m["roi"])
     model_class(g["model"]).check_config(m)
     model_class(g["model"]).check_train_config(t)
     from .runtimes import RUNTIMES
@@ -275,6 +285,8 @@ def _check_predict(p: dict) -> None:
             isinstance(inp, list) and all(isinstance(x, str) for x in inp)):
         raise UadkitError(f"config key 'Predict.input': expected an image, folder or URL (or a list of them), "
                           f"got {inp!r}")
+    if p["db"] is not None and not isinstance(p["db"], str):
+        raise UadkitError(f"config key 'Predict.db': expected an SQLAlchemy URL, got {p['db']!r}")
     if p["model_dir"] is not None and not isinstance(p["model_dir"], str):
         raise UadkitError(f"config key 'Predict.model_dir': expected a folder, got {p['model_dir']!r}")
     if p["on_error"] not in ON_ERROR:

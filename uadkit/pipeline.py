@@ -23,7 +23,11 @@ DEFAULTS: dict[str, Any] = {
                 "decode_timeout_s": 10, "max_batch": 8, "batch_wait_ms": 5, "allow_url_fetch": False,
                 "url_allow_hosts": [], "url_timeout_s": 10, "url_max_mb": 20,
                 "header_timeout_s": 10, "body_timeout_s": 30, "max_connections": 64,
-                "max_pending_pixels": 2 * DEFAULT_MAX_PIXELS, "max_answer_pixels": 2048 * 2048},
+                "max_pending_pixels": 2 * DEFAULT_MAX_PIXELS, "max_answer_pixels": 2048 * 2048,
+                # the record of every decision (serving/records.py): db "" = records.db in records_dir;
+                # keep_records / keep_days: retention (0 = no limit); token: for the history off loopback
+                "record": True, "db": "", "records_dir": "output/records", "keep_records": 100000,
+                "keep_days": 0, "token": "", "require_token": False},
 }
 
 

@@ -7,6 +7,10 @@ size (`size` is the labelMap's, `imageSize` the original's), so an answer stays 
 Bad input gets a 4xx JSON error. Concurrent requests are queued and run in batches by one worker, so
 requests never share state. Slow clients are dropped (header and body timeouts), open connections are
 capped, and the pixels in flight are bounded (Serving.max_pending_pixels): later requests wait their turn.
+
+Every decision is recorded (serving/records.py; Serving.record) without delaying its answer. The history
+(GET /records, /records/{id}/thumb|overlay, POST /records/{id}/review) needs the token whenever the
+service binds to anything but loopback (or Serving.require_token is set); predicting never does.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import base64
 import binascii
 import collections
 import ctypes
+import hashlib
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -29,7 +36,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.requests import ClientDisconnect
 
@@ -46,6 +53,7 @@ from ..data.image_io import (
 from ..errors import UadkitError
 from ..pipeline import AnomalyDetectionPipeline
 from ..visualize import overlay
+from . import records
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
 log = logging.getLogger("uvicorn.error")  # uvicorn's own handler: our lines look like its lines
@@ -174,8 +182,8 @@ def _label_map_json(mask: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _answer(res, log_id: str, max_answer_pixels: int) -> bytes:
-    """The PaddleX-style JSON answer, as bytes; labelMap and overlay shrunk for very large images."""
+def _answer(res, log_id: str, max_answer_pixels: int) -> tuple[bytes, bytes]:
+    """The PaddleX-style JSON answer, as bytes, and its overlay JPEG; both shrunk for very large images."""
     image, amap, mask = res._image, res["anomaly_map"], res["pred_mask"]
     h, w = mask.shape
     if h * w > max_answer_pixels:
@@ -191,7 +199,16 @@ def _answer(res, log_id: str, max_answer_pixels: int) -> bytes:
                       "image": base64.b64encode(buf.getvalue()).decode(), "score": res["pred_score"],
                       "label": res["pred_label"], "threshold": res["threshold"], "imageSize": [h, w]}}
     head, tail = json.dumps(out).encode().split(b'"@LABELMAP@"')
-    return head + _label_map_json(mask) + tail
+    return head + _label_map_json(mask) + tail, buf.getvalue()
+
+
+def is_loopback(host: str | None) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False  # a name or "" (all interfaces): reachable from elsewhere
 
 
 _libc = None
@@ -207,8 +224,18 @@ def _trim_memory() -> None:
         pass
 
 
-def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
+def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> FastAPI:
     s = pipeline.cfg["Serving"]
+    host = host or s["host"]
+    token = s["token"] or os.environ.get("UADKIT_TOKEN", "")
+    need_token = bool(s["require_token"]) or not is_loopback(host)
+    if need_token and not token:
+        log.warning("serving on %s without a token (--token or UADKIT_TOKEN): the review page and history are "
+                    "disabled; predicting works", host)
+    store = records.open_store(s["db"] or None, s["records_dir"], int(s["keep_records"]), float(s["keep_days"])) \
+        if s["record"] else None
+    model_dir = pipeline.cfg["SubModules"]["AnomalyDetection"]["model_dir"]
+    version = records.model_version(model_dir) if store else ""
     max_body = int(s["max_body_mb"] * 1024 * 1024)
     max_pixels = int(s["max_pixels"])
     batcher = Batcher(pipeline, int(s["max_batch"]), float(s["batch_wait_ms"]))
@@ -221,12 +248,15 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
         task = asyncio.create_task(batcher.run())
         yield
         task.cancel()
+        if store:
+            await asyncio.get_running_loop().run_in_executor(None, store.close)  # what is queued gets written
 
     app = FastAPI(title="uadkit anomaly detection", version=__version__, lifespan=lifespan,
                   description="Unsupervised visual anomaly detection. POST an image (base64) to "
                               "/image-anomaly-detection; GET / for a web page.")
     app.state.batcher = batcher
     app.state.budget = budget
+    app.state.store = store
 
     async def in_pool(pool: ThreadPoolExecutor, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -288,6 +318,7 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
         name, data = await image_bytes(payload)
         del payload, body
         pixels = await in_pool(work_pool, _probe, data, max_pixels)
+        digest = await in_pool(work_pool, _sha256, data) if store else ""
         async with budget.hold(pixels):
             try:
                 image = await asyncio.wait_for(in_pool(work_pool, _decode, data, max_pixels),
@@ -297,8 +328,14 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
             del data
             res = await batcher.submit(name, image)
             del image
-            answer = await in_pool(work_pool, _answer, res, log_id, int(s["max_answer_pixels"]))
-            del res
+            answer, overlay_jpeg = await in_pool(work_pool, _answer, res, log_id, int(s["max_answer_pixels"]))
+            if store:
+                try:  # a record is never worth a failed answer
+                    store.add(await in_pool(work_pool, records.pending_from_result, res, name, digest,
+                                            pipeline.detector.name, version, overlay_jpeg))
+                except Exception as e:
+                    store._fail("failed", f"record not prepared: {type(e).__name__}: {str(e)[:200]}")
+            del res, overlay_jpeg
         if pixels > _TRIM_PIXELS:
             await in_pool(work_pool, _trim_memory)
         return Response(answer, media_type="application/json")
@@ -319,7 +356,86 @@ def create_app(pipeline: AnomalyDetectionPipeline) -> FastAPI:
 
     @app.get("/health")
     async def health():  # answered on the event loop, which never runs model or image work
-        return {"status": "ok", "model": pipeline.detector.name, "uadkit_version": __version__}
+        return {"status": "ok", "model": pipeline.detector.name, "uadkit_version": __version__,
+                "model_version": version or None, "records": store.stats() if store else None}
+
+    def authorise(request: Request) -> None:
+        """The history and every write need the token off loopback (header or ?token= for <img> links)."""
+        if store is None:
+            raise RequestError(404, "recording is off on this server (Serving.record: false)")
+        if not need_token:
+            return
+        if not token:
+            raise RequestError(403, f"this server binds to {host} and has no token: start it with --token or "
+                                    "UADKIT_TOKEN to use the review page and write endpoints")
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-uadkit-token") \
+            or request.query_params.get("token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise RequestError(401, "token: missing or wrong (Authorization: Bearer <token>)")
+
+    def guarded(fn):
+        """Token check, then `fn` off the event loop; RequestError and UadkitError become JSON errors."""
+        async def run(request: Request, *args):
+            try:
+                authorise(request)
+                return await in_pool(work_pool, fn, *args)
+            except RequestError as e:
+                return _error(e.status, str(e))
+            except UadkitError as e:
+                return _error(400, str(e))
+        return run
+
+    def _float(q, key: str) -> float | None:
+        v = q.get(key)
+        if v in (None, ""):
+            return None
+        try:
+            return float(v)
+        except ValueError:
+            raise UadkitError(f"{key}: expected a number, got {v!r}") from None
+
+    def list_records(q) -> dict:
+        try:
+            limit, before = int(q.get("limit", 100)), int(q["before_id"]) if q.get("before_id") else None
+        except ValueError:
+            raise UadkitError("limit, before_id: expected integers") from None
+        rows = store.query(q.get("show", "all"), _float(q, "min_score"), _float(q, "max_score"), _float(q, "since"),
+                           _float(q, "until"), limit, before)
+        return {"records": rows, "counts": store.counts_by_review(), "model_version": version}
+
+    @app.get("/records")
+    async def get_records(request: Request):
+        return await guarded(list_records)(request, request.query_params)
+
+    def record_file(record_id: int, kind: str):
+        rec = store.get(record_id)
+        rel = rec and rec.get(f"{kind}_path")
+        if not rel or not os.path.isfile(store.path(rel)):
+            raise RequestError(404, f"record {record_id}: no {kind} image")
+        return FileResponse(store.path(rel), media_type="image/jpeg")
+
+    @app.get("/records/{record_id}/{kind}.jpg")
+    async def get_record_file(request: Request, record_id: int, kind: str):
+        if kind not in ("thumb", "overlay"):
+            return _error(404, f"kind: expected thumb or overlay, got {kind!r}")
+        return await guarded(record_file)(request, record_id, kind)
+
+    def review(record_id: int, payload: Any):
+        if not isinstance(payload, dict) or "review" not in payload:
+            raise RequestError(422, 'body: expected JSON {"review": "confirmed|false_alarm|missed|ok|null", '
+                                    '"reviewer": "name"}')
+        if not store.review(record_id, payload["review"], str(payload.get("reviewer") or "")):
+            raise RequestError(404, f"record {record_id}: not found")
+        return {"record": store.get(record_id), "counts": store.counts_by_review()}
+
+    @app.post("/records/{record_id}/review")
+    async def post_review(request: Request, record_id: int):
+        try:
+            payload = json.loads(await asyncio.wait_for(read_body(request), float(s["body_timeout_s"])))
+        except (ValueError, RecursionError, asyncio.TimeoutError, RequestError):
+            payload = None
+        return await guarded(review)(request, record_id, payload)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -366,12 +482,17 @@ def _protocol_with_header_timeout(timeout: float) -> type:
     return HeaderTimeoutProtocol
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def serve(pipeline: AnomalyDetectionPipeline, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     quiet_pil_warnings()
     s = pipeline.cfg["Serving"]
-    config = uvicorn.Config(create_app(pipeline), host=host or s["host"], port=int(port or s["port"]),
+    host = host or s["host"]
+    config = uvicorn.Config(create_app(pipeline, host), host=host, port=int(port or s["port"]),
                             log_level="info", http=_protocol_with_header_timeout(float(s["header_timeout_s"])),
                             limit_concurrency=int(s["max_connections"]), timeout_keep_alive=5)
     uvicorn.Server(config).run()

@@ -231,6 +231,10 @@ class RecordStore:
             item.row[key] = None
             if data is None:
                 continue
+            if key == "overlay_path" and len(data) > 200_000:  # the answer's overlay of a large image: smaller
+                from PIL import Image
+
+                data = jpeg(Image.open(io.BytesIO(data)), OVERLAY_PX)
             rel = f"{day}/{stem}_{key.split('_')[0]}.jpg"
             path = os.path.join(self.files_dir, rel)
             try:
