@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data.dataset import ImageDataset
+from ..data.dataset import model_dataset
 from ..data.formats import Sample
 from ..models import AnomalyModel
 from .distributed import SINGLE, DistContext
@@ -26,7 +26,7 @@ def fit_distributed(model: AnomalyModel, samples: list[Sample], batch_size: int,
     them back in sample order, so it fits exactly the rows a single process would. Features are kept
     (on the CPU, rank 0) only while they fit FEATURE_CACHE_LIMIT; otherwise None comes back."""
     model.to(device).eval()  # a fit pass is feature extraction: BatchNorm must use its running statistics
-    ds = ImageDataset(samples, model.input_size)
+    ds = model_dataset(samples, model)
     groups = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
     cache: list[torch.Tensor] | None = [] if keep_features else None
     cached_bytes = 0
@@ -62,5 +62,5 @@ def fit_distributed(model: AnomalyModel, samples: list[Sample], batch_size: int,
 
 def image_loader(samples: list[Sample], model: AnomalyModel):
     """ids -> a prepared image batch (the same loader and resize as fitting)."""
-    ds = ImageDataset(samples, model.input_size)
+    ds = model_dataset(samples, model)
     return lambda ids: torch.stack([ds[i][0] for i in ids])

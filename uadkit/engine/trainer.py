@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.dataset import ImageDataset
+from ..data.dataset import model_dataset
 from ..data.formats import DatasetIndex, Sample
 from ..errors import UadkitError
 from ..models import AnomalyModel
@@ -44,7 +44,7 @@ def _batches(n: int, batch_size: int, shuffle: bool, gen: torch.Generator) -> li
 
 
 def _loader(samples: list[Sample], model: AnomalyModel, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(ImageDataset(samples, model.input_size), batch_size=batch_size, shuffle=False,
+    return DataLoader(model_dataset(samples, model), batch_size=batch_size, shuffle=False,
                       num_workers=workers)
 
 
@@ -144,7 +144,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     gen = torch.Generator().manual_seed(seed)
     for _ in range(start):  # keep the shuffling sequence identical to an uninterrupted run
         torch.randperm(len(index.train), generator=gen)
-    ds = ImageDataset(index.train, model.input_size)
+    ds = model_dataset(index.train, model)
     cache = _TargetCache(bool(t.get("cache_teacher")), len(ds))
     extra_source = model.extra_batch_source(t)
     loss_fn: torch.nn.Module = _Loss(model)
@@ -218,7 +218,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
 def _features_fit_in_cache(model: AnomalyModel, index: DatasetIndex, device: torch.device) -> bool:
     """Out-of-fold scoring keeps every image's features: check the size on one image before fitting."""
     with torch.no_grad():
-        one = model.to(device).eval().features(ImageDataset(index.train[:1], model.input_size)[0][0][None].to(device))
+        one = model.to(device).eval().features(model_dataset(index.train[:1], model)[0][0][None].to(device))
     need = one.numel() * one.element_size() * (len(index.train) + len(index.val))
     if need > FEATURE_CACHE_LIMIT:
         log.warning("out-of-fold calibration skipped: the features of %d images need %.1f GB (limit %.1f GB); "
@@ -248,7 +248,10 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     c = cfg["Train"]["calibration"]
     # One-pass models calibrate on out-of-fold scores of every good image, so the validation goods join the
     # fit (the final model sees all of them); labelled validation anomalies still only report recall.
-    oof = not model.trainable and c["out_of_fold"] and _features_fit_in_cache(model, index, device)
+    # Out-of-fold scores come from the model's own rule on fitted samples, which with tiling are tiles (not
+    # images) and ignore the region of interest: then the validation split is scored by the one path instead.
+    whole = not model.cfg.get("tiling") and model.cfg.get("roi") is None
+    oof = not model.trainable and c["out_of_fold"] and whole and _features_fit_in_cache(model, index, device)
     fit_samples = index.train + ([s for s in index.val if not s.label] if oof else [])
     t0 = time.time()
     if model.trainable:

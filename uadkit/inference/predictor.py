@@ -16,8 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DEFAULT_MAX_PIXELS
 from ..data.image_io import ImageSource, prepare_image, resolve_sources
+from ..data.tiling import Stitcher, blank_outside, roi_mask, tile_boxes, touches
 from ..errors import UadkitError
 from ..models import AnomalyModel
+from ..models.base import squash
 from .result import AnomalyResult
 
 log = logging.getLogger("uadkit")
@@ -33,23 +35,83 @@ class Scored:
     norm_score: float       # in [0, 1], image threshold at 0.5
 
 
+TILE_CHUNK = 16  # tiles scored per runtime call: memory stays bounded however large the image
+
+
+def _calibration(model) -> torch.Tensor:
+    """Thresholds and scales of any runtime: the torch model's buffer, an exported one's from inference.yml."""
+    return model.calibration.detach().float().cpu()
+
+
 @torch.no_grad()
 def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torch.device,
                  with_raw: bool = True) -> list[Scored]:
-    """Score a batch of RGB uint8 images of any sizes; maps come back at each image's own size."""
+    """Score a batch of RGB uint8 images of any sizes; maps come back at each image's own size.
+
+    The model's (or exported runtime's) config decides tiling and region of interest (data/tiling.py), so
+    every caller and every runtime applies them the same way."""
     if not images:
         return []
-    size = model.input_size
-    batch = torch.from_numpy(np.stack([prepare_image(im, size) for im in images])).to(device)
-    amap, score, nmap, nscore = model.scores(batch)
-    out = []
-    for i, im in enumerate(images):
-        hw = im.shape[:2]
-        up = F.interpolate(torch.stack([amap[i], nmap[i]]) if with_raw else nmap[i:i + 1],
-                           size=hw, mode="bilinear", align_corners=False)
-        raw = up[0, 0].float().cpu().numpy() if with_raw else np.empty(0, np.float32)
-        out.append(Scored(raw, float(score[i]), up[-1, 0].float().cpu().numpy(), float(nscore[i])))
+    cfg = getattr(model, "cfg", None) or {}
+    tiling, roi = cfg.get("tiling"), cfg.get("roi")
+    masks = [roi_mask(roi, im.shape[:2]) for im in images]
+    images = [blank_outside(im, m) for im, m in zip(images, masks)]
+    if tiling:
+        out = [_score_tiled(model, im, device, tiling, m) for im, m in zip(images, masks)]
+    else:
+        size = model.input_size
+        batch = torch.from_numpy(np.stack([prepare_image(im, size) for im in images])).to(device)
+        amap, score, nmap, nscore = model.scores(batch)
+        out = []
+        for i, im in enumerate(images):
+            hw = im.shape[:2]
+            keep_raw = with_raw or roi is not None
+            up = F.interpolate(torch.stack([amap[i], nmap[i]]) if keep_raw else nmap[i:i + 1],
+                               size=hw, mode="bilinear", align_corners=False)
+            raw = up[0, 0].float().cpu().numpy() if keep_raw else np.empty(0, np.float32)
+            out.append(Scored(raw, float(score[i]), up[-1, 0].float().cpu().numpy(), float(nscore[i])))
+    if roi is not None:
+        out = [_apply_roi(model, sc, m) for sc, m in zip(out, masks)]
+    if not with_raw:
+        for sc in out:
+            sc.raw_map = np.empty(0, np.float32)
     return out
+
+
+def _score_tiled(model: AnomalyModel, image: np.ndarray, device: torch.device, tiling: dict,
+                 mask: np.ndarray | None) -> Scored:
+    """Tiles at full resolution -> the model's input size -> scored in chunks -> stitched at the original size.
+
+    The raw map is the average of overlapping tiles; the normalised map is the calibration applied to it (so
+    the pixel threshold sits at 0.5 exactly as on the raw map); the image score is the highest tile score
+    (the model's own rule within a tile)."""
+    boxes = [b for b in tile_boxes(image.shape[:2], tiling) if touches(b, mask)]
+    stitcher = Stitcher(image.shape[:2])
+    best = -np.inf
+    for start in range(0, len(boxes), TILE_CHUNK):
+        chunk = boxes[start:start + TILE_CHUNK]
+        batch = torch.from_numpy(np.stack([prepare_image(np.ascontiguousarray(image[y0:y1, x0:x1]), model.input_size)
+                                           for y0, x0, y1, x1 in chunk])).to(device)
+        amap, score, _, _ = model.scores(batch)
+        best = max(best, float(score.max()))
+        for j, (y0, x0, y1, x1) in enumerate(chunk):
+            tile = F.interpolate(amap[j:j + 1].float(), size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+            stitcher.add((y0, x0, y1, x1), tile[0, 0].cpu().numpy())
+    raw = stitcher.result()
+    best = best if boxes else 0.0  # a region that misses the image: nothing to inspect
+    c = _calibration(model)
+    nmap = squash(torch.from_numpy(raw), c[3], c[4], c[5]).numpy()
+    return Scored(raw, best, nmap, float(squash(torch.tensor(best), c[0], c[1], c[2])))
+
+
+def _apply_roi(model: AnomalyModel, sc: Scored, mask: np.ndarray) -> Scored:
+    """Zero the maps outside the region; the image score is the highest raw map value inside it (normalised
+    with the calibration's image scales), so nothing outside can flag the image."""
+    raw_map = np.where(mask, sc.raw_map, 0).astype(np.float32)
+    raw = float(sc.raw_map[mask].max()) if mask.any() else 0.0
+    c = _calibration(model)
+    return Scored(raw_map, raw, np.where(mask, sc.norm_map, 0).astype(np.float32),
+                  float(squash(torch.tensor(raw), c[0], c[1], c[2])))
 
 
 @dataclass
@@ -152,6 +214,8 @@ class Predictor:
                 px = sum(im.shape[0] * im.shape[1] for _, im in good)
                 results = None
                 why = f"out of memory predicting a batch of {len(good)} images ({px} pixels); lower Predict.batch_size"
+            except UadkitError as e:  # e.g. an image smaller than Model.tiling's tile, or not the region's size
+                results, why = None, str(e)
             for src, im in chunk:
                 if isinstance(im, str):
                     yield PredictFailure(src.name, im)

@@ -45,10 +45,15 @@ class AnomalyModel(nn.Module):
     model_defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
     trainable: ClassVar[bool] = False  # True: gradient training loop; False: one `fit` pass over features
+    position_tied: ClassVar[bool] = False  # statistics per map position: cannot share one model over tiles
 
     def __init__(self, model_cfg: dict[str, Any]) -> None:
         super().__init__()
         self.cfg = dict(model_cfg)
+        if self.cfg.get("roi") is not None:  # a mask image becomes its RLE: the saved config carries the region
+            from ..data.tiling import stored_roi
+
+            self.cfg["roi"] = stored_roi(self.cfg["roi"])
         self.input_size = tuple(model_cfg["input_size"])
         self.smoothing_sigma = float(model_cfg.get("smoothing_sigma") or 0.0)
         # Raw-unit image threshold with its scales below / above it, then the same for pixels; see

@@ -20,6 +20,7 @@ from .base import AnomalyModel
 class PaDiM(AnomalyModel):
     name = "PaDiM"
     trainable = False
+    position_tied = True  # a Gaussian per feature-map position: tiles at different places would share one
     model_defaults = {"feature_dim": 100, "covariance_eps": 0.01}
     train_defaults = {"batch_size": 8}
 

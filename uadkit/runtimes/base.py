@@ -62,6 +62,12 @@ class ExportedRuntime:
         self.name = self.info["model"]
         self.input_size = tuple(self.info["input_size"])
         self.is_calibrated = True
+        # tiling and region of interest travel in the exported Model config; the shared predictor applies them
+        # around the graph (which scores one tile at the input size) with these thresholds and scales
+        self.cfg = dict(self.info.get("Model") or {})
+        from ..engine.calibration import CALIBRATION_KEYS
+
+        self.calibration = torch.tensor([float(self.info["calibration"][k]) for k in CALIBRATION_KEYS])
 
     def to(self, device: torch.device) -> ExportedRuntime:
         if device.type != "cpu":

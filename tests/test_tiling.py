@@ -1,0 +1,151 @@
+"""High-resolution inspection: tiling (Model.tiling) and regions of interest (Model.roi), through real models."""
+
+import os
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from uadkit import create_model
+from uadkit.cli import main
+from uadkit.config import load_config
+from uadkit.data.dataset import ImageDataset
+from uadkit.data.demo import make_demo_dataset
+from uadkit.data.formats import load_index
+from uadkit.data.image_io import load_image, prepare_image
+from uadkit.data.tiling import Stitcher, roi_mask, stitch, tile_boxes
+from uadkit.errors import UadkitError
+
+TILING = {"tile_size": [96, 96], "stride": [64, 64]}  # 150 px images: 150 is not a multiple of 64
+SIZE = 150
+
+
+@pytest.fixture(scope="module")
+def hires(tmp_path_factory) -> str:
+    return make_demo_dataset(tmp_path_factory.mktemp("hires"), n_train=8, n_test_good=2, n_test_defect=2,
+                             size=SIZE, n_val=6)
+
+
+@pytest.fixture(scope="module")
+def tiled(hires, tmp_path_factory):
+    det = create_model("PatchCore", input_size=[64, 64], tiling=TILING)
+    det.train(dataset_dir=hires, output=str(tmp_path_factory.mktemp("tiled")))
+    return det
+
+
+# -- geometry ----------------------------------------------------------------------------------------------
+def test_tiles_cover_an_image_that_is_not_a_multiple_of_the_stride_to_its_edges():
+    boxes = tile_boxes((150, 205), TILING)
+    covered = np.zeros((150, 205), int)
+    for y0, x0, y1, x1 in boxes:
+        assert (y1 - y0, x1 - x0) == (96, 96) and y0 >= 0 and x0 >= 0 and y1 <= 150 and x1 <= 205
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1
+    assert sorted({b[0] for b in boxes}) == [0, 54] and sorted({b[1] for b in boxes}) == [0, 64, 109]
+
+
+def test_stitching_is_exact_and_overlaps_average():
+    boxes = tile_boxes((150, 205), TILING)
+    const = stitch((150, 205), boxes, [np.full((96, 96), 0.37, np.float32) for _ in boxes])
+    assert np.allclose(const, 0.37, atol=1e-7)
+    s = Stitcher((4, 6))
+    s.add((0, 0, 4, 4), np.full((4, 4), 1.0, np.float32))
+    s.add((0, 2, 4, 6), np.full((4, 4), 3.0, np.float32))
+    out = s.result()
+    assert np.allclose(out[:, :2], 1) and np.allclose(out[:, 2:4], 2) and np.allclose(out[:, 4:], 3)
+
+
+def test_training_sees_every_tile_of_each_good_image(hires):
+    train = load_index(hires, 0.0, 0).train
+    ds = ImageDataset(train, (64, 64), TILING)
+    assert len(ds) == len(train) * 4 and ds[5][0].shape == (3, 64, 64)
+    y0, x0, y1, x1 = ds.items[3][1]
+    tile = load_image(train[0].path)[y0:y1, x0:x1]
+    assert (y0, x0) == (54, 54)
+    assert np.allclose(ds[3][0].numpy(), prepare_image(tile, (64, 64)), atol=1e-6)
+
+
+# -- config ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, key", [
+    ("{tile_size: [96, 96], stride: [0, 64]}", "Model.tiling.stride"),
+    ("{tile_size: [96, 96], stride: [128, 64]}", "Model.tiling.stride"),
+    ("{tile_size: [96], stride: [64, 64]}", "Model.tiling.tile_size"),
+    ("{tile: [96, 96]}", "Model.tiling"),
+])
+def test_bad_tiling_keys_are_one_line_errors(value, key):
+    with pytest.raises(UadkitError) as e:
+        load_config("configs/PatchCore.yaml", [f"Model.tiling={value}"])
+    assert f"'{key}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_padim_with_tiling_is_a_config_error():
+    with pytest.raises(UadkitError, match="'Model.tiling': PaDiM keeps statistics per position"):
+        load_config("configs/PaDiM.yaml", ["Model.tiling={tile_size: [96, 96], stride: [96, 96]}"])
+
+
+def test_cli_bad_tiling_exits_2(capsys):
+    assert main(["-c", "configs/PatchCore.yaml", "-o", "Model.tiling={tile_size: [96, 96], stride: [0, 0]}"]) == 2
+    assert "Model.tiling.stride" in capsys.readouterr().err
+
+
+def test_tile_larger_than_the_image_fails_that_image_only(tiled, hires, tmp_path):
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((80, 200, 3), np.uint8)).save(small)
+    model = create_model(model_dir=tiled.model_dir, run_mode="torch")
+    with pytest.raises(UadkitError, match=r"'Model.tiling.tile_size': the tile 96x96 .* larger than the image 80x200"):
+        list(model.predict(str(small)))
+    good = os.path.join(hires, "test", "good", "000.png")
+    assert [r["input_path"] for r in model.predict([str(small), good])] == [good]
+
+
+# -- a tiled model end to end ------------------------------------------------------------------------------
+def test_tiled_model_saves_loads_and_exports_with_equal_results(tiled, hires):
+    meta = yaml.safe_load(open(os.path.join(tiled.model_dir, "model.yaml")))
+    info = yaml.safe_load(open(os.path.join(tiled.model_dir, "inference", "inference.yml")))
+    assert meta["Model"]["tiling"] == TILING and info["Model"]["tiling"] == TILING
+    runs = {m: list(create_model(model_dir=tiled.model_dir, run_mode=m).predict(os.path.join(hires, "test"),
+                                                                               batch_size=2))
+            for m in ("torch", "onnxruntime", "openvino")}
+    ref = runs["torch"]
+    assert ref[0]["anomaly_map"].shape == (SIZE, SIZE)
+    for m, res in runs.items():
+        assert [r["input_path"] for r in res] == [r["input_path"] for r in ref]
+        assert np.allclose([r["pred_score"] for r in res], [r["pred_score"] for r in ref], atol=1e-4), m
+        assert max(np.abs(a["anomaly_map"] - b["anomaly_map"]).max() for a, b in zip(res, ref)) < 1e-3, m
+    # defects outscore good images: the stitched maps still find them
+    good = [r["pred_score"] for r in ref if "good" in r["input_path"]]
+    bad = [r["pred_score"] for r in ref if "good" not in r["input_path"]]
+    assert min(bad) > max(good)
+
+
+# -- regions of interest -----------------------------------------------------------------------------------
+def test_roi_mask_from_rectangles_clips_to_the_image():
+    m = roi_mask([[10, 5, 30, 20], [140, 140, 400, 400]], (150, 150))
+    assert m[5:20, 10:30].all() and m[140:, 140:].all() and m.sum() == 15 * 20 + 100
+
+
+def test_roi_zeroes_the_map_outside_and_nothing_outside_flags(hires, tmp_path):
+    roi = np.zeros((SIZE, SIZE), np.uint8)
+    roi[:, : SIZE // 2] = 255  # inspect the left half only
+    Image.fromarray(roi).save(tmp_path / "roi.png")
+    det = create_model("PatchCore", input_size=[64, 64], roi=str(tmp_path / "roi.png"))
+    det.train(dataset_dir=hires, output=str(tmp_path / "out"))
+    meta = yaml.safe_load(open(os.path.join(det.model_dir, "model.yaml")))
+    assert set(meta["Model"]["roi"]) == {"size", "counts"}  # stored as its RLE: the mask file is not needed later
+    os.remove(tmp_path / "roi.png")
+
+    good = load_image(os.path.join(hires, "test", "good", "000.png"))
+    outside, inside = good.copy(), good.copy()
+    outside[60:90, 100:130] = (20, 200, 40)  # a loud green patch in the right half
+    inside[60:90, 20:50] = (20, 200, 40)
+    for run_mode in ("torch", "onnxruntime"):
+        model = create_model(model_dir=det.model_dir, run_mode=run_mode)
+        r_good, r_out, r_in = model.predict([good, outside, inside])
+        # outside the region is blanked before the model: the patch there changes nothing at all
+        assert r_out["pred_score"] == r_good["pred_score"]
+        assert np.array_equal(r_out["anomaly_map"], r_good["anomaly_map"])
+        assert r_in["pred_label"] == "anomalous" and r_in["pred_score"] > r_good["pred_score"], run_mode
+        for r in (r_good, r_out, r_in):
+            assert not r["anomaly_map"][:, SIZE // 2:].any() and not r["pred_mask"][:, SIZE // 2:].any()
+        assert r_in["pred_mask"][60:90, 20:50].any()
