@@ -149,3 +149,19 @@ def test_roi_zeroes_the_map_outside_and_nothing_outside_flags(hires, tmp_path):
         for r in (r_good, r_out, r_in):
             assert not r["anomaly_map"][:, SIZE // 2:].any() and not r["pred_mask"][:, SIZE // 2:].any()
         assert r_in["pred_mask"][60:90, 20:50].any()
+
+
+# -- check_dataset -----------------------------------------------------------------------------------------
+def test_check_dataset_reports_sizes_and_warns_of_defects_too_small_at_input_size(hires, tmp_path, capsys):
+    from uadkit.data.check import defect_sizes
+
+    index = load_index(hires, 0.0, 0)
+    plain = defect_sizes(index, {"input_size": [32, 32], "tiling": None})
+    tiles = defect_sizes(index, {"input_size": [32, 32], "tiling": {"tile_size": [48, 48], "stride": [48, 48]}})
+    assert plain["defects"] == tiles["defects"] > 0 and plain["below_4px"] > 0 and "warning" in plain
+    assert tiles["median"] == pytest.approx(plain["median"] * SIZE / 48, rel=1e-3)  # tiles keep them larger
+    assert tiles["below_4px"] < plain["below_4px"]
+    rc = main(["-c", "configs/PatchCore.yaml", "-o", "Global.mode=check_dataset", "-o", f"Global.dataset_dir={hires}",
+               "-o", f"Global.output={tmp_path}", "-o", "Model.input_size=[32,32]"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"image sizes: {SIZE}x{SIZE} to {SIZE}x{SIZE}" in out and "use Model.tiling" in out

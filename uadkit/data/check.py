@@ -105,3 +105,47 @@ def require_valid(index: DatasetIndex) -> None:
         raise UadkitError(f"dataset '{index.root}' fails its check ({len(report['problems'])} problems); "
                           f"fix these or run -o Global.mode=check_dataset:\n{lines}"
                           + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
+MIN_DEFECT_PX = 4       # a defect narrower than this at the model's input size barely moves a feature map
+MAX_MASKS_MEASURED = 200
+
+
+def defect_sizes(index: DatasetIndex, model_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """How large the labelled defects (connected regions of the masks) are once an image is resized to the
+    model's input (or each tile is, with Model.tiling): the side of a square of the same area, in input
+    pixels. Defects smaller than MIN_DEFECT_PX there are the hint that tiling is needed."""
+    from scipy import ndimage
+
+    from .image_io import load_mask
+    from .tiling import check_tiling
+
+    masked = [s for s in index.test + index.val if s.mask][:MAX_MASKS_MEASURED]
+    if not masked:
+        return None
+    ih, iw = model_cfg["input_size"]
+    tiling = check_tiling(model_cfg.get("tiling"))
+    sides = []
+    for s in masked:
+        try:
+            mask = load_mask(s.mask)
+        except UadkitError:
+            continue  # already listed as a problem
+        th, tw = tiling[0] if tiling else mask.shape
+        scale = min(ih / th, iw / tw)
+        labels, n = ndimage.label(mask)
+        if n:
+            areas = np.bincount(labels.ravel())[1:]
+            sides += (np.sqrt(areas) * scale).tolist()
+    if not sides:
+        return None
+    a = np.array(sides)
+    small = int((a < MIN_DEFECT_PX).sum())
+    out = {"defects": len(a), "masks": len(masked), "unit": "input pixels (side of a square of equal area)",
+           "smallest": round(float(a.min()), 2), "median": round(float(np.median(a)), 2),
+           f"below_{MIN_DEFECT_PX}px": small}
+    if small:
+        out["warning"] = (f"{small} of {len(a)} labelled defects are under {MIN_DEFECT_PX} px at the model's input "
+                          f"size ({'tiles' if tiling else 'whole image'} resized to {iw}x{ih}): they may vanish; "
+                          "use Model.tiling (tiles at full resolution) or a larger Model.input_size")
+    return out

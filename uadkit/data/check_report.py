@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UadkitError
 from ..visualize import bar_chart, overlay
-from .check import check_index
+from .check import check_index, defect_sizes
 from .formats import DatasetIndex, Sample, holdout, load_index
 from .image_io import load_image, load_mask, save_image_atomic, write_text_atomic
 
@@ -86,6 +86,7 @@ def check_dataset(cfg: dict) -> dict[str, Any]:
     if cd["split"]["enable"]:
         index = resplit(cfg, index)
     report = check_index(index)
+    report["defect_size"] = defect_sizes(index, cfg["Model"])
     folder = os.path.join(g["output"], "check_dataset")
     counts = {"train": len(index.train), "val": len(index.val)}
     counts["test/good"] = report["attributes"]["test_good"]
@@ -101,6 +102,12 @@ def check_dataset(cfg: dict) -> dict[str, Any]:
     a = report["attributes"]
     print(f"{index.type} dataset {index.root}: {a['train_samples']} train, {a['val_samples']} val, "
           f"{a['test_samples']} test ({a['test_anomalous']} anomalous), {a['masks']} masks")
+    sizes = report["image_size"]
+    if sizes["min"]:
+        print(f"image sizes: {sizes['min'][0]}x{sizes['min'][1]} to {sizes['max'][0]}x{sizes['max'][1]}; model input "
+              f"{cfg['Model']['input_size'][1]}x{cfg['Model']['input_size'][0]}")
+    if (report["defect_size"] or {}).get("warning"):
+        print(f"warning: {report['defect_size']['warning']}")
     if report["check_pass"]:
         print("check passed")
     else:
