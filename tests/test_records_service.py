@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -162,3 +163,61 @@ def test_predict_record_option_is_checked(value, tmp_path):
     rc = main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=predict", "-o", f"Global.output={tmp_path}",
                "-o", f"Predict.record={value}", "-o", "Predict.input=x.png"])
     assert rc == 2
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true" and CHROMIUM is None, reason="Debian chromium not installed")
+def test_review_page_in_headless_chromium(trained, demo_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "CI must install Debian's chromium (.ci/run does)"
+    paths = _images(demo_dir)
+    with live_server(os.path.join(trained, "best_model"), tmp_path, require_token=True, token=TOKEN) as (base, _, _):
+        assert all(code == 200 for code, _ in _send_all(base, paths, 4))
+        for _ in range(100):  # recorded behind the answers
+            if _get(base + "/records?limit=1000", TOKEN)[1]["counts"]["total"] == len(paths):
+                break
+            time.sleep(0.1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            assert page.goto(base + "/review").status == 401  # no token, no page
+            page.goto(f"{base}/review?token={TOKEN}")
+            page.wait_for_selector(".card")
+            assert page.locator(".card").count() == len(paths)
+            assert page.inner_text("#count-total") == str(len(paths))
+            page.locator(".card").first.click()
+            page.wait_for_selector("#large-overlay")
+            page.keyboard.press("f")  # no name yet: refused, with the reason
+            page.wait_for_function("document.getElementById('error').textContent.includes('reviewer')")
+            page.fill("#reviewer", "ana")
+            page.locator("#reviewer").dispatch_event("change")
+            page.locator(".card").first.click()
+            page.keyboard.press("f")  # false alarm; the page moves on to the next record
+            page.wait_for_function("document.getElementById('count-false_alarm').textContent === '1'")
+            page.keyboard.press("d")  # defect confirmed
+            page.wait_for_function("document.getElementById('count-confirmed').textContent === '1'")
+            rows = _get(base + "/records?show=reviewed", TOKEN)[1]["records"]
+            assert sorted(r["review"] for r in rows) == ["confirmed", "false_alarm"]
+            assert {r["reviewer"] for r in rows} == {"ana"}
+            # the slider counts, on the reviewed records, the decisions a threshold would change
+            for t in (0.0, 0.5, 1.0):
+                page.eval_on_selector("#thr", f"el => {{ el.value = '{t}'; el.dispatchEvent(new Event('input')); }}")
+                label = lambda r, t=t: "anomalous" if r["score"] >= t else "normal"  # noqa: E731
+                assert page.inner_text("#changes") == str(sum(label(r) != r["label"] for r in rows))
+                wrong = sum((label(r) == "anomalous") != (r["review"] == "confirmed") for r in rows)
+                assert page.inner_text("#errors") == str(wrong)
+            page.screenshot(path=str(tmp_path / "review.png"))
+            # filters: the unreviewed ones only, then a score range
+            page.select_option("#show", "unreviewed")
+            page.wait_for_function(f"document.querySelectorAll('.card').length === {len(paths) - 2}")
+            page.select_option("#show", "all")
+            page.fill("#min", "0.5")
+            page.click("#apply")
+            flagged = sum(r["score"] >= 0.5 for r in _get(base + "/records?limit=1000", TOKEN)[1]["records"])
+            page.wait_for_function(f"document.querySelectorAll('.card').length === {flagged}")
+            browser.close()

@@ -56,6 +56,7 @@ from ..visualize import overlay
 from . import records
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
+REVIEW_PAGE = os.path.join(os.path.dirname(__file__), "review.html")
 log = logging.getLogger("uvicorn.error")  # uvicorn's own handler: our lines look like its lines
 # Base64 has no ':' so anything starting "word:" is a URL scheme or a drive path, never image data.
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -403,6 +404,14 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
         rows = store.query(q.get("show", "all"), _float(q, "min_score"), _float(q, "max_score"), _float(q, "since"),
                            _float(q, "until"), limit, before)
         return {"records": rows, "counts": store.counts_by_review(), "model_version": version}
+
+    def review_page() -> HTMLResponse:
+        with open(REVIEW_PAGE, encoding="utf-8") as f:
+            return HTMLResponse(f.read())
+
+    @app.get("/review", response_class=HTMLResponse)
+    async def get_review_page(request: Request):  # off loopback: /review?token=... (kept for the session)
+        return await guarded(review_page)(request)
 
     @app.get("/records")
     async def get_records(request: Request):
