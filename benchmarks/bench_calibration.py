@@ -30,6 +30,7 @@ from uadkit.data.formats import load_index  # noqa: E402
 from uadkit.engine.calibrate import collect_scores  # noqa: E402
 from uadkit.engine.calibration import operating_point, recall_report  # noqa: E402
 from uadkit.engine.checkpoint import load_model_dir  # noqa: E402
+from uadkit.metrics import auroc  # noqa: E402
 
 
 def decision_row(name: str, rate: float, good: np.ndarray, bad: np.ndarray, threshold: float) -> dict:
@@ -80,7 +81,8 @@ def main() -> None:
                "stored": {k: cal["image"][k] for k in ("estimator", "target_rate", "estimated_rate",
                                                        "rate_interval_90")},
                "synthetic_defects": cal.get("synthetic_defects", {}).get("recall_estimate"),
-               "test": {"good": int(good.size), "defects": int(bad.size)}, "rows": rows, "output": out}
+               "test": {"good": int(good.size), "defects": int(bad.size),
+                        "image_auroc": round(auroc(labels == 1, scores), 4)}, "rows": rows, "output": out}
     print(json.dumps(summary, indent=1))
     print(f"{'setting':<26}{'target':>7}{'good flagged':>14}{'recall':>8}{'best@rate':>10}{'ratio':>7}  goals")
     for r in rows:
