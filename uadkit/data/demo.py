@@ -1,4 +1,5 @@
-"""A small procedural dataset in the MVTec AD layout: a woven textile with scratches and stains.
+"""Small procedural datasets in the MVTec AD layout: a woven textile with scratches and stains
+(`make_demo_dataset`), and a dark part photographed off-centre on a dark, noisy background (`make_part_dataset`).
 
 No third-party images: every pixel comes from a seeded random generator, so tests and the demo can make
 data anywhere, offline.
@@ -10,6 +11,7 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from scipy.ndimage import gaussian_filter
 
 DEFECTS = ("scratch", "stain")
 
@@ -70,6 +72,94 @@ def make_demo_dataset(root: str | os.PathLike, n_train: int = 40, n_test_good: i
     for d in DEFECTS:
         for i in range(n_test_defect):
             img, mask = _defect(rng, _fabric(rng, size), d)
+            Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"))
+            Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
+    return root
+
+
+
+PART_DEFECTS = ("cut", "scratch", "spot")
+
+
+def _part_shape(h: int, w: int) -> Image.Image:
+    """The part's silhouette (L mode) centred in an h x w canvas: a plate perforated by a grid of holes,
+    so a shift of a few percent moves edges across most of its area."""
+    m = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(m)
+    s = min(h, w)
+    cx, cy, pw, ph = w / 2, h / 2, 0.32 * w, 0.32 * h
+    d.rounded_rectangle([cx - pw, cy - ph, cx + pw, cy + ph], radius=int(0.06 * s), fill=255)
+    pitch, r = 0.075 * s, 0.022 * s
+    nx, ny = int(2 * pw / pitch) - 1, int(2 * ph / pitch) - 1
+    for i in range(nx):
+        for j in range(ny):
+            x, y = cx + (i - (nx - 1) / 2) * pitch, cy + (j - (ny - 1) / 2) * pitch
+            d.ellipse([x - r, y - r, x + r, y + r], fill=0)
+    return m
+
+
+def _part(rng: np.random.Generator, h: int, w: int, shift: float, rotate: float) -> tuple[np.ndarray, np.ndarray]:
+    """A dark part on a dark, noisy background, moved by up to `shift` x the image size and turned by up to
+    `rotate` degrees; returns the uint8 RGB image and where on the part a defect may go."""
+    dx, dy = rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h
+    sil = _part_shape(h, w).rotate(rng.uniform(-rotate, rotate), resample=Image.BILINEAR, translate=(dx, dy))
+    obj = np.asarray(sil, dtype=np.float32) / 255.0
+    gy, gx = np.gradient(np.asarray(sil.filter(ImageFilter.GaussianBlur(2.0)), dtype=np.float32) / 255.0)
+    rim = np.clip(np.hypot(gx, gy) * 4.0, 0, 1)  # a brighter bevel along every edge
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    light = 1.0 + 0.25 * ((x - w / 2) / w + (y - h / 2) / h) * rng.uniform(0.8, 1.2)
+    grain = gaussian_filter(rng.random((h, w)).astype(np.float32), 1.2)
+    # Sensor noise a little coarser than a pixel (demosaicing), strong next to the dark background level.
+    noise = gaussian_filter(rng.normal(0, 1, (h, w)).astype(np.float32), 0.7)
+    value = (0.09 + rng.uniform(-0.01, 0.01) + 0.13 * obj * light + 0.05 * obj * (grain - 0.5) + 0.10 * rim
+             + 0.05 * noise / noise.std())
+    img = np.clip(value[..., None] * np.array([1.0, 0.97, 0.93]) * 255, 0, 255).astype(np.uint8)
+    return img, np.asarray(sil.filter(ImageFilter.MinFilter(5)), dtype=np.uint8) > 200
+
+
+def _part_defect(rng: np.random.Generator, img: np.ndarray, where: np.ndarray,
+                 kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """A small defect on the part: a dark cut, a bright scratch or a rust spot, 2-14 % of the image side."""
+    h, w = where.shape
+    s = min(h, w)
+    ys, xs = np.nonzero(where)
+    k = int(rng.integers(len(ys)))
+    cx, cy, ang = float(xs[k]), float(ys[k]), rng.uniform(0, np.pi)
+    mask = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(mask)
+    if kind == "spot":
+        r = rng.uniform(0.025, 0.04) * s
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        colour = np.array([100.0, 70.0, 45.0])
+    else:
+        length = rng.uniform(*((0.06, 0.10) if kind == "cut" else (0.08, 0.14))) * s
+        ex, ey = np.cos(ang) * length / 2, np.sin(ang) * length / 2
+        width = max(2, int(s * (0.025 if kind == "cut" else 0.02)))
+        draw.line([(cx - ex, cy - ey), (cx + ex, cy + ey)], fill=255, width=width)
+        colour = np.full(3, 8.0 if kind == "cut" else 120.0)
+    soft = np.asarray(mask.filter(ImageFilter.GaussianBlur(0.7)), dtype=np.float32)[..., None] / 255.0
+    out = img * (1 - 0.7 * soft) + colour * 0.7 * soft
+    return np.clip(out, 0, 255).astype(np.uint8), (np.asarray(mask) > 127).astype(np.uint8) * 255
+
+
+def make_part_dataset(root: str | os.PathLike, n_train: int = 40, n_test_good: int = 8, n_test_defect: int = 6,
+                      size: tuple[int, int] = (192, 256), shift: float = 0.04, rotate: float = 3.0,
+                      seed: int = 0, n_val: int = 0) -> str:
+    """Like `make_demo_dataset`, but an object photo: a dark perforated part on a dark, noisy background,
+    up to `shift` x the image size off centre and turned by up to `rotate` degrees, with small cuts,
+    scratches and rust spots (`shift=0, rotate=0`: aligned parts). `size` is (height, width)."""
+    root = str(root)
+    h, w = size
+    rng = np.random.default_rng(seed)
+    subs = ["train/good", "test/good"] + [f"{top}/{d}" for top in ("test", "ground_truth") for d in PART_DEFECTS]
+    for sub in subs + (["validation/good"] if n_val else []):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for sub, n in (("train/good", n_train), ("test/good", n_test_good), ("validation/good", n_val)):
+        for i in range(n):
+            Image.fromarray(_part(rng, h, w, shift, rotate)[0]).save(os.path.join(root, sub, f"{i:03d}.png"))
+    for d in PART_DEFECTS:
+        for i in range(n_test_defect):
+            img, mask = _part_defect(rng, *_part(rng, h, w, shift, rotate), d)
             Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"))
             Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
     return root
