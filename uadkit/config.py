@@ -75,7 +75,7 @@ COMMON: dict[str, dict[str, Any]] = {
                 "record": False, "db": None},
     "Export": {"model_dir": None, "opset": 17},
     # Re-fit only the thresholds of a trained model from Global.dataset_dir (good images, labelled defects).
-    "Calibrate": {"model_dir": None, "false_alarm_rate": None, "batch_size": 8},
+    "Calibrate": {"model_dir": None, "false_alarm_rate": None, "batch_size": 8, "db": None},
 }
 
 

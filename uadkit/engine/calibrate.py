@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -64,19 +65,27 @@ def synthetic_check(model: AnomalyModel, samples: list[Sample], device: torch.de
 
 
 def calibrate_model(model: AnomalyModel, cfg: dict, device: torch.device, good_scores: np.ndarray,
-                    good_maxima: np.ndarray, bad_scores: np.ndarray | None, source: str,
+                    good_maxima: np.ndarray | None, bad_scores: np.ndarray | None, source: str,
                     check_samples: list[Sample], rate: float | None = None) -> dict[str, Any]:
-    """Set the model's thresholds from good scores, then check them on synthetic defects."""
+    """Set the model's thresholds from good scores, then check them on synthetic defects.
+    `good_maxima=None` (scores from the record store, which holds no maps) keeps the pixel threshold."""
     c = cfg["Train"]["calibration"]
     rate = c["false_alarm_rate"] if rate is None else rate
     if len(good_scores) < 20:
         log.warning("calibrating on only %d good images: the threshold is a rough estimate (see its interval); "
                     "add a validation/good folder or more training images", len(good_scores))
-    cal = calibrate(good_scores, good_maxima, rate, c["estimator"], bad_scores, source)
+    keep_pixel = good_maxima is None
+    cal = calibrate(good_scores, good_scores if keep_pixel else good_maxima, rate, c["estimator"], bad_scores,
+                    source)
+    if keep_pixel:
+        for k, v in zip(CALIBRATION_KEYS, model.calibration.tolist()):
+            if k.startswith("pixel_"):
+                cal[k] = float(v)
+        cal["pixel"] = {"kept": True, "note": "no map maxima in the source: the pixel threshold is unchanged"}
     apply_calibration(model, cal)
     # what the threshold rests on, for train_result.json (not model.yaml): lets a user re-derive any rate
     cal["scores"] = {"image": [float(f"{x:.6g}") for x in good_scores],
-                     "map_max": [float(f"{x:.6g}") for x in good_maxima]}
+                     "map_max": None if keep_pixel else [float(f"{x:.6g}") for x in good_maxima]}
     synth = synthetic_check(model, check_samples, device, cfg["Evaluate"]["batch_size"], c["synthetic_images"],
                             cfg["Global"]["seed"])
     if synth:
@@ -100,17 +109,97 @@ def calibrate_on_samples(model: AnomalyModel, samples: list[Sample], cfg: dict, 
                            source, samples, rate)
 
 
+def refit_and_save(cfg: dict, model: AnomalyModel, meta: dict[str, Any], model_dir: str, out_dir: str,
+                   good: np.ndarray, bad: np.ndarray, good_maxima: np.ndarray | None, source: str,
+                   origin: str, check_samples: list[Sample], device: torch.device) -> dict[str, Any]:
+    """The scoring-free part of recalibration, shared by the folder and the record-store sources: re-fit the
+    thresholds from raw scores, write the model atomically to `out_dir` and report before/after."""
+    from ..serving.records import model_version
+    from .checkpoint import save_model_dir
+
+    c = cfg["Calibrate"]
+    old = model.calibration.clone()
+    before = recall_report(good, bad, float(old[0]))
+    rate = c["false_alarm_rate"] or (meta.get("calibration_info") or {}).get("false_alarm_rate") \
+        or cfg["Train"]["calibration"]["false_alarm_rate"]
+    t0 = time.time()
+    cal = calibrate_model(model, cfg, device, good, good_maxima, bad if bad.size else None, source, check_samples,
+                          rate)
+    after = recall_report(good, bad, cal["image_threshold"])
+    extra = {k: v for k, v in meta.items() if k not in ("uadkit_version", "model", "Model", "calibration", "saved_at")}
+    # versions with these same weights: their records' raw scores are comparable with this model's
+    lineage = list(meta.get("lineage") or []) + [model_version(model_dir)]
+    extra.update({"calibration_info": {k: v for k, v in cal.items() if k != "scores"}, "recalibrated_on": origin,
+                  "lineage": lineage[-50:]})
+    save_model_dir(model.cpu(), out_dir, extra=extra, export_opset=cfg["Export"]["opset"])
+    result = {"model_dir": os.path.abspath(out_dir), "previous_model_dir": os.path.abspath(model_dir),
+              "model_version": model_version(out_dir), "source": source,
+              "good": int(good.size), "defects": int(bad.size),
+              "before": {"image_threshold": float(old[0]), **before},
+              "after": {"image_threshold": cal["image_threshold"], **after},
+              "calibration": cal, "seconds": round(time.time() - t0, 2)}
+    for name in ("before", "after"):
+        r = result[name]
+        caught = f", defects caught {r['defects_caught']}/{r['defects_total']}" if r["defects_total"] else ""
+        print(f"{name:>6}: threshold {r['image_threshold']:.6g}, good flagged {r['good_flagged']}/{r['good_total']}"
+              f"{caught}")
+    print(f"recalibrated {model.name} into {out_dir} for a false-alarm rate of {rate:g}")
+    return result
+
+
+def next_version_dir(model_dir: str) -> str:
+    """`best_model` -> `best_model.v2` (then .v3, ...), claimed with mkdir so two writers never share one."""
+    base = re.sub(r"\.v\d+$", "", os.path.abspath(model_dir).rstrip(os.sep))
+    parent, stem = os.path.split(base)
+    taken = [int(m.group(1)) for n in os.listdir(parent) if (m := re.fullmatch(re.escape(stem) + r"\.v(\d+)", n))]
+    n = max(taken, default=1) + 1
+    while True:
+        path = f"{base}.v{n}"
+        try:
+            os.mkdir(path)  # save_model_dir swaps its finished folder in over this placeholder
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def recalibrate_from_records(cfg: dict, model_dir: str, engine: Any) -> dict[str, Any]:
+    """Re-fit from reviewed decisions (false alarms and goods vs confirmed and missed defects) made by this
+    model's weights, and write a NEW version beside `model_dir` (the old one stays: records point at it)."""
+    from ..serving.records import model_version, reviewed_scores
+    from .checkpoint import load_model_dir
+
+    model, meta = load_model_dir(model_dir)
+    versions = list(meta.get("lineage") or []) + [model_version(model_dir)]
+    good, bad = reviewed_scores(engine, versions)
+    if good.size < 5:
+        raise UadkitError(f"Calibrate.db: {good.size} decisions of this model reviewed as good or false alarm; "
+                          "at least 5 are needed to recalibrate")
+    url = engine.url.render_as_string(hide_password=True)
+    result = refit_and_save(cfg, model, meta, model_dir, next_version_dir(model_dir), good, bad, None,
+                            f"reviews in {url}", url, [], torch.device("cpu"))
+    return {**result, "db": url, "versions_used": versions}
+
+
 def recalibrate(cfg: dict) -> dict[str, Any]:
     """`Global.mode=calibrate`: re-fit only the thresholds and scales of a trained model from a folder of
-    good images (and labelled defects), write the model folder atomically (weights, model.yaml, ONNX graph)
-    and report the decision before and after on that folder."""
-    from .checkpoint import load_model_dir, save_model_dir
+    good images (and labelled defects; the model folder is rewritten atomically) or, with Calibrate.db, from
+    the reviewed decisions in the record store (a new model version is written beside the old one)."""
+    from .checkpoint import load_model_dir
     from .device import main_device
 
     g, c = cfg["Global"], cfg["Calibrate"]
     model_dir = c["model_dir"] or os.path.join(g["output"], "best_model")
+    if c.get("db"):
+        from ..serving.records import make_engine, migrate
+
+        engine = make_engine(c["db"])
+        try:
+            migrate(engine)
+            return recalibrate_from_records(cfg, model_dir, engine)
+        finally:
+            engine.dispose()
     if not g["dataset_dir"]:
-        raise UadkitError("Global.dataset_dir: no folder of good images given to calibrate on")
+        raise UadkitError("Global.dataset_dir: no folder of good images given to calibrate on (or set Calibrate.db)")
     model, meta = load_model_dir(model_dir)
     index = load_index(g["dataset_dir"], 0.0, g["seed"])
     samples = index.train + index.val + index.test
@@ -122,33 +211,13 @@ def recalibrate(cfg: dict) -> dict[str, Any]:
                     "threshold will flag more good parts than targeted; use good images it has not seen")
     device = main_device(g["device"])
     model.to(device)
-    old = model.calibration.clone()
     scores, labels, maxima, _, _ = collect_scores(model, samples, device, c["batch_size"], "scoring", keep_maps=False)
     good = labels == 0
-    before = recall_report(scores[good], scores[~good], float(old[0]))
-    rate = c["false_alarm_rate"] or (meta.get("calibration_info") or {}).get("false_alarm_rate") \
-        or cfg["Train"]["calibration"]["false_alarm_rate"]
-    t0 = time.time()
-    cal = calibrate_model(model, cfg, device, scores[good], maxima[good], scores[~good] if (~good).any() else None,
-                          f"calibration folder {os.path.abspath(index.root)}", samples, rate)
-    after = recall_report(scores[good], scores[~good], cal["image_threshold"])
-    extra = {k: v for k, v in meta.items() if k not in ("uadkit_version", "model", "Model", "calibration", "saved_at")}
-    extra.update({"calibration_info": {k: v for k, v in cal.items() if k != "scores"},
-                  "recalibrated_on": os.path.abspath(index.root)})
-    save_model_dir(model.cpu(), model_dir, extra=extra, export_opset=cfg["Export"]["opset"])
-    result = {"model_dir": os.path.abspath(model_dir), "dataset": os.path.abspath(index.root),
-              "images": len(samples), "good": int(good.sum()), "defects": int((~good).sum()),
-              "before": {"image_threshold": float(old[0]), **before},
-              "after": {"image_threshold": cal["image_threshold"], **after},
-              "calibration": cal, "seconds": round(time.time() - t0, 2)}
-    for name in ("before", "after"):
-        r = result[name]
-        caught = f", defects caught {r['defects_caught']}/{r['defects_total']}" if r["defects_total"] else ""
-        print(f"{name:>6}: threshold {r['image_threshold']:.6g}, good flagged {r['good_flagged']}/{r['good_total']}"
-              f"{caught}")
-    print(f"recalibrated {model.name} in {model_dir} for a false-alarm rate of {rate:g}")
-    return result
+    root = os.path.abspath(index.root)
+    result = refit_and_save(cfg, model, meta, model_dir, model_dir, scores[good], scores[~good], maxima[good],
+                            f"calibration folder {root}", root, samples, device)
+    return {**result, "dataset": root, "images": len(samples)}
 
 
-__all__ = ["CALIBRATION_KEYS", "calibrate_model", "calibrate_on_samples", "collect_scores", "recalibrate",
-           "synthetic_check"]
+__all__ = ["CALIBRATION_KEYS", "calibrate_model", "calibrate_on_samples", "collect_scores", "next_version_dir",
+           "recalibrate", "recalibrate_from_records", "refit_and_save", "synthetic_check"]

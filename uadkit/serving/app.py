@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import copy
 import ctypes
 import hashlib
 import hmac
@@ -79,15 +80,21 @@ def _error(status: int, message: str, log_id: str | None = None, close: bool = F
 class Batcher:
     """Collects concurrent requests into batches of up to `max_batch` images for one model worker."""
 
-    def __init__(self, pipeline: AnomalyDetectionPipeline, max_batch: int, wait_ms: float) -> None:
-        self.predictor = pipeline.detector.predictor(pipeline.threshold)
+    def __init__(self, pipeline: AnomalyDetectionPipeline, max_batch: int, wait_ms: float, version: str = "") -> None:
+        # (predictor, model version) as one value: a batch reads it once, so a hot swap lands between batches
+        self.current = (pipeline.detector.predictor(pipeline.threshold), version)
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="uadkit-model")
         # How many batches of each size ran (for tests and stats): at most max_batch keys, however long it runs.
         self.batch_sizes: collections.Counter[int] = collections.Counter()
 
+    def swap(self, predictor, version: str) -> None:
+        """Later batches use `predictor`; the batch running now finishes on the old one (nothing dropped)."""
+        self.current = (predictor, version)
+
     async def submit(self, name: str, image: np.ndarray):
+        """The result and the model version that decided it."""
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((name, image, fut))
         return await fut
@@ -106,8 +113,9 @@ class Batcher:
             sources = [ImageSource(n) for n, _, _ in items]
             images = [im for _, im, _ in items]
             self.batch_sizes[len(items)] += 1
+            predictor, version = self.current
             try:
-                results = await loop.run_in_executor(self.pool, self.predictor.run, sources, images)
+                results = await loop.run_in_executor(self.pool, predictor.run, sources, images)
             except Exception as e:  # a model failure answers every waiting request instead of hanging them
                 for *_, fut in items:
                     if not fut.done():
@@ -117,8 +125,8 @@ class Batcher:
                 del images, sources
             for (*_, fut), res in zip(items, results):
                 if not fut.done():
-                    fut.set_result(res)
-            del items, results
+                    fut.set_result((res, version))
+            del items, results, predictor
 
 
 class PixelBudget:
@@ -239,7 +247,7 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
     version = records.model_version(model_dir) if store else ""
     max_body = int(s["max_body_mb"] * 1024 * 1024)
     max_pixels = int(s["max_pixels"])
-    batcher = Batcher(pipeline, int(s["max_batch"]), float(s["batch_wait_ms"]))
+    batcher = Batcher(pipeline, int(s["max_batch"]), float(s["batch_wait_ms"]), version)
     budget = PixelBudget(max(int(s["max_pending_pixels"]), max_pixels))
     work_pool = ThreadPoolExecutor(2, thread_name_prefix="uadkit-decode")  # decoding and answers, off the loop
     fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="uadkit-fetch")  # slow URLs never hold the decoders
@@ -327,13 +335,13 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
             except asyncio.TimeoutError as e:
                 raise RequestError(408, "image: decoding took too long") from e
             del data
-            res = await batcher.submit(name, image)
+            res, decided_by = await batcher.submit(name, image)
             del image
             answer, overlay_jpeg = await in_pool(work_pool, _answer, res, log_id, int(s["max_answer_pixels"]))
             if store:
                 try:  # a record is never worth a failed answer
                     store.add(await in_pool(work_pool, records.pending_from_result, res, name, digest,
-                                            pipeline.detector.name, version, overlay_jpeg))
+                                            pipeline.detector.name, decided_by, overlay_jpeg))
                 except Exception as e:
                     store._fail("failed", f"record not prepared: {type(e).__name__}: {str(e)[:200]}")
             del res, overlay_jpeg
@@ -358,7 +366,7 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
     @app.get("/health")
     async def health():  # answered on the event loop, which never runs model or image work
         return {"status": "ok", "model": pipeline.detector.name, "uadkit_version": __version__,
-                "model_version": version or None, "records": store.stats() if store else None}
+                "model_version": batcher.current[1] or None, "records": store.stats() if store else None}
 
     def authorise(request: Request) -> None:
         """The history and every write need the token off loopback (header or ?token= for <img> links)."""
@@ -403,7 +411,7 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
             raise UadkitError("limit, before_id: expected integers") from None
         rows = store.query(q.get("show", "all"), _float(q, "min_score"), _float(q, "max_score"), _float(q, "since"),
                            _float(q, "until"), limit, before)
-        return {"records": rows, "counts": store.counts_by_review(), "model_version": version}
+        return {"records": rows, "counts": store.counts_by_review(), "model_version": batcher.current[1]}
 
     def review_page() -> HTMLResponse:
         with open(REVIEW_PAGE, encoding="utf-8") as f:
@@ -445,6 +453,47 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
         except (ValueError, RecursionError, asyncio.TimeoutError, RequestError):
             payload = None
         return await guarded(review)(request, record_id, payload)
+
+    recal_pool = ThreadPoolExecutor(1, thread_name_prefix="uadkit-recalibrate")  # one at a time, never the decoders
+
+    def recalibrate(payload: Any):
+        """Fit a new version from the reviews, load it, then swap it in between two batches."""
+        nonlocal model_dir
+        from ..api import create_model
+        from ..engine.calibrate import recalibrate_from_records
+
+        rate = payload.get("false_alarm_rate") if isinstance(payload, dict) else None
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 0.5):
+            raise RequestError(422, f"false_alarm_rate: expected a share of good parts in (0, 0.5), got {rate!r}")
+        store.flush()  # reviews are direct writes; this only makes the latest decisions visible too
+        cfg = copy.deepcopy(pipeline.detector.cfg)
+        cfg["Calibrate"].update({"false_alarm_rate": rate, "db": store.url})
+        result = recalibrate_from_records(cfg, model_dir, store.engine)
+        sub = pipeline.cfg["SubModules"]["AnomalyDetection"]
+        detector = create_model(model_dir=result["model_dir"], device=sub["device"], run_mode=sub["run_mode"])
+        predictor = detector.predictor(pipeline.threshold)
+        pipeline.detector, model_dir = detector, result["model_dir"]
+        batcher.swap(predictor, result["model_version"])
+        log.info("recalibrated from reviews: now serving %s (version %s)", model_dir, result["model_version"])
+        return {k: result[k] for k in ("model_dir", "previous_model_dir", "model_version", "good", "defects",
+                                       "before", "after")}
+
+    @app.post("/recalibrate")
+    async def post_recalibrate(request: Request):
+        try:
+            body = await asyncio.wait_for(read_body(request), float(s["body_timeout_s"]))
+            payload = json.loads(body) if body.strip() else {}
+        except (ValueError, RecursionError, asyncio.TimeoutError, RequestError):
+            payload = None
+        try:
+            authorise(request)
+            if payload is None:
+                raise RequestError(422, 'body: expected JSON {"false_alarm_rate": 0.02} or nothing')
+            return await in_pool(recal_pool, recalibrate, payload)
+        except RequestError as e:
+            return _error(e.status, str(e))
+        except UadkitError as e:
+            return _error(400, str(e))
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -382,6 +382,22 @@ class RecordStore:
         return os.path.join(self.files_dir, rel)
 
 
+GOOD_REVIEWS, BAD_REVIEWS = ("false_alarm", "ok"), ("confirmed", "missed")
+
+
+def reviewed_scores(engine: sa.Engine, versions: list[str]) -> tuple[Any, Any]:
+    """Raw scores of reviewed decisions made by `versions` (one set of weights): (good, defect) arrays."""
+    import numpy as np
+
+    c = decisions.c
+    q = sa.select(c.raw_score, c.review).where(c.review.in_(GOOD_REVIEWS + BAD_REVIEWS),
+                                               c.model_version.in_(versions))
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+    return (np.array([r for r, v in rows if v in GOOD_REVIEWS], np.float64),
+            np.array([r for r, v in rows if v in BAD_REVIEWS], np.float64))
+
+
 def default_db(records_dir: str) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(records_dir, 'records.db'))}"
 
