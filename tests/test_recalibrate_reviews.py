@@ -16,6 +16,7 @@ from live_server import b64, live_server, post
 from test_records_service import TOKEN, _get, _images
 
 from uadkit.cli import main
+from uadkit.data.formats import load_index
 from uadkit.serving.records import Pending, RecordStore, model_version
 
 
@@ -24,7 +25,11 @@ def _truth(path: str) -> bool:
 
 
 def _recalibrate(base: str, body: dict, token: str | None = TOKEN) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{base}/recalibrate", data=json.dumps(body).encode(),
+    return _post(base, "/recalibrate", body, token)
+
+
+def _post(base: str, path: str, body: dict, token: str | None = TOKEN) -> tuple[int, dict]:
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {token}"} if token else {})})
     try:
@@ -49,7 +54,8 @@ def test_recalibrate_from_reviews_hot_swaps_under_load(trained, demo_dir, tmp_pa
     old_version = model_version(model_dir)
     paths = _images(demo_dir) * 2
     data = {p: b64(open(p, "rb").read()) for p in set(paths)}
-    with live_server(model_dir, tmp_path, require_token=True, token=TOKEN, max_batch=4) as (base, _, _):
+    with live_server(model_dir, tmp_path, require_token=True, token=TOKEN, max_batch=4, record_images=True) \
+            as (base, _, _):
         assert all(post(base, {"image": data[p]})[0] == 200 for p in paths)
         _wait_written(base, len(paths))
         rows = _get(base + "/records?limit=1000", TOKEN)[1]["records"]
@@ -62,6 +68,15 @@ def test_recalibrate_from_reviews_hot_swaps_under_load(trained, demo_dir, tmp_pa
                 "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
                 data=json.dumps({"review": review, "reviewer": "ana"}).encode())
             urllib.request.urlopen(req, timeout=30).read()
+        # export reviewed: the images as received, in a folder layout train reads (good/ and defect/)
+        code, exp = _post(base, "/records/export", {})
+        assert code == 200 and exp["without_image"] == 0
+        assert exp["good"] == len({s for s, d in by_sha.items() if not d}) and exp["defect"] == sum(by_sha.values())
+        index = load_index(exp["path"], 0.0)
+        assert index.type == "Folder" and len(index.train) + len(index.test) == exp["good"] + exp["defect"]
+        assert sorted(open(s.path, "rb").read() for s in index.train + index.test) == \
+            sorted(open(p, "rb").read() for p in set(paths))
+        assert _post(base, "/records/export", {}, token=None)[0] == 401
         assert _recalibrate(base, {}, token=None)[0] == 401  # a write: the token rule holds
         assert _recalibrate(base, {"false_alarm_rate": 0.9})[0] == 422
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from PIL import Image
 
 from uadkit.errors import UadkitError
 from uadkit.inference.result import AnomalyResult
@@ -180,3 +181,31 @@ def test_model_version_changes_with_the_folder(tmp_path):
     assert v1 == R.model_version(str(tmp_path / "m")) and len(v1) == 16
     (tmp_path / "m" / "model.yaml").write_text("a: 2")
     assert R.model_version(str(tmp_path / "m")) != v1
+
+
+def test_migration_from_version_2_adds_the_image_column(db_url, tmp_path):
+    engine = R.make_engine(db_url)
+    assert R.migrate(engine, target=2) == (0, 2)  # the store before "export reviewed"
+    with engine.begin() as conn:
+        assert "image_path" not in {c["name"] for c in sa.inspect(conn).get_columns("decisions")}
+        conn.execute(sa.text("INSERT INTO decisions (ts, source, image_sha256, model_name, model_version, raw_score,"
+                             " score, label, threshold, defect_area, review, reviewer) VALUES (1.0, 'old.png', 'ab',"
+                             " 'STFPM', 'v0', 2.0, 0.7, 'anomalous', 0.5, 0.01, 'confirmed', 'ana')"))
+    engine.dispose()
+    store = _store(db_url, tmp_path)
+    [old] = store.query()
+    assert old["review"] == "confirmed" and old["image_path"] is None
+    png = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    item = _pending(1)
+    item.original = png.read_bytes()
+    store.add(item)
+    store.flush()
+    new = store.query(limit=1)[0]
+    assert new["image_path"].endswith("_image.png") and open(store.path(new["image_path"]), "rb").read() == \
+        png.read_bytes()
+    store.review(new["id"], "ok", "ana")
+    out = store.export_reviewed(str(tmp_path / "export"))  # the old row has no image: counted, not exported
+    assert (out["good"], out["defect"], out["without_image"]) == (1, 0, 1)
+    assert os.listdir(tmp_path / "export" / "good") == [f"{1:064x}"[:16] + ".png"]  # named by its hash
+    store.close()

@@ -25,9 +25,10 @@ DEFAULTS: dict[str, Any] = {
                 "header_timeout_s": 10, "body_timeout_s": 30, "max_connections": 64,
                 "max_pending_pixels": 2 * DEFAULT_MAX_PIXELS, "max_answer_pixels": 2048 * 2048,
                 # the record of every decision (serving/records.py): db "" = records.db in records_dir;
-                # keep_records / keep_days: retention (0 = no limit); token: for the history off loopback
+                # keep_records / keep_days: retention (0 = no limit); token: for the history off loopback;
+                # record_images: keep each image as received too (disk!), for "export reviewed" as a dataset
                 "record": True, "db": "", "records_dir": "output/records", "keep_records": 100000,
-                "keep_days": 0, "token": "", "require_token": False},
+                "keep_days": 0, "token": "", "require_token": False, "record_images": False},
 }
 
 

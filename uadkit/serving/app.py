@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import time
 import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -334,6 +335,7 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
                                                float(s["decode_timeout_s"]))
             except asyncio.TimeoutError as e:
                 raise RequestError(408, "image: decoding took too long") from e
+            original = data if store and s["record_images"] else None  # opted in: kept for "export reviewed"
             del data
             res, decided_by = await batcher.submit(name, image)
             del image
@@ -341,10 +343,10 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
             if store:
                 try:  # a record is never worth a failed answer
                     store.add(await in_pool(work_pool, records.pending_from_result, res, name, digest,
-                                            pipeline.detector.name, decided_by, overlay_jpeg))
+                                            pipeline.detector.name, decided_by, overlay_jpeg, original))
                 except Exception as e:
                     store._fail("failed", f"record not prepared: {type(e).__name__}: {str(e)[:200]}")
-            del res, overlay_jpeg
+            del res, overlay_jpeg, original
         if pixels > _TRIM_PIXELS:
             await in_pool(work_pool, _trim_memory)
         return Response(answer, media_type="application/json")
@@ -494,6 +496,15 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
             return _error(e.status, str(e))
         except UadkitError as e:
             return _error(400, str(e))
+
+    def export_reviewed():
+        dest = os.path.join(s["records_dir"], "exports", time.strftime("reviewed-%Y%m%d-%H%M%S-")
+                            + uuid.uuid4().hex[:6])
+        return store.export_reviewed(dest)
+
+    @app.post("/records/export")
+    async def post_export(request: Request):  # a write (files on the server): the token rule holds
+        return await guarded(export_reviewed)(request)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -27,8 +27,9 @@ import sqlalchemy as sa
 from ..errors import UadkitError
 
 log = logging.getLogger("uadkit")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REVIEWS = ("confirmed", "false_alarm", "missed", "ok")  # defect confirmed / false alarm / missed defect / good
+GOOD_REVIEWS, BAD_REVIEWS = ("false_alarm", "ok"), ("confirmed", "missed")  # what the part truly was
 THUMB_PX, OVERLAY_PX = 256, 768
 
 meta = sa.MetaData()
@@ -52,8 +53,10 @@ decisions = sa.Table(
     sa.Column("review", sa.String(16)),
     sa.Column("reviewer", sa.String(128)),
     sa.Column("reviewed_at", sa.Float),
+    # version 3: the image as received (Serving.record_images), for "export reviewed" as a training set
+    sa.Column("image_path", sa.String(512)),
 )
-V1_COLUMNS = [c for c in decisions.columns if c.name not in ("review", "reviewer", "reviewed_at")]
+V1_COLUMNS = [c for c in decisions.columns if c.name not in ("review", "reviewer", "reviewed_at", "image_path")]
 
 
 def _v1(conn: sa.Connection) -> None:
@@ -68,7 +71,11 @@ def _v2(conn: sa.Connection) -> None:
     conn.execute(sa.text("CREATE INDEX ix_decisions_ts ON decisions (ts)"))
 
 
-MIGRATIONS = {1: _v1, 2: _v2}  # version -> step from the version before
+def _v3(conn: sa.Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE decisions ADD COLUMN image_path VARCHAR(512)"))
+
+
+MIGRATIONS = {1: _v1, 2: _v2, 3: _v3}  # version -> step from the version before
 
 
 def normalise_url(url: str) -> str:
@@ -145,10 +152,12 @@ def model_version(model_dir: str) -> str:
 
 @dataclass
 class Pending:
-    """One decision waiting for the writer: the row's fields and the JPEG bytes of its two images."""
+    """One decision waiting for the writer: the row's fields, the JPEG bytes of its two images and, opted in,
+    the image file as received."""
     row: dict[str, Any]
     thumb: bytes | None = None
     overlay: bytes | None = None
+    original: bytes | None = None
     ts: float = field(default_factory=time.time)
 
 
@@ -166,8 +175,9 @@ def jpeg(image, max_px: int, quality: int = 85) -> bytes:
 
 
 def pending_from_result(res, source: str, image_sha256: str, model_name: str, version: str,
-                        overlay_jpeg: bytes | None = None) -> Pending:
-    """A record of an AnomalyResult (with its image); `overlay_jpeg` reuses an overlay already drawn."""
+                        overlay_jpeg: bytes | None = None, original: bytes | None = None) -> Pending:
+    """A record of an AnomalyResult (with its image); `overlay_jpeg` reuses an overlay already drawn;
+    `original`: the image file as received, kept for export."""
     mask = res["pred_mask"]
     row = {"source": str(source)[:1024], "image_sha256": image_sha256, "model_name": model_name,
            "model_version": version, "raw_score": float(res["raw_score"]), "score": float(res["pred_score"]),
@@ -176,7 +186,7 @@ def pending_from_result(res, source: str, image_sha256: str, model_name: str, ve
     thumb = jpeg(res._image, THUMB_PX) if res._image is not None else None
     if overlay_jpeg is None and res._image is not None:
         overlay_jpeg = jpeg(res.overlay_image(), OVERLAY_PX)
-    return Pending(row, thumb, overlay_jpeg)
+    return Pending(row, thumb, overlay_jpeg, original)
 
 
 class RecordStore:
@@ -227,15 +237,24 @@ class RecordStore:
     def _write_files(self, item: Pending) -> None:
         day = time.strftime("%Y%m%d", time.gmtime(item.ts))
         stem = uuid.uuid4().hex
-        for key, data in (("thumb_path", item.thumb), ("overlay_path", item.overlay)):
+        for key, data in (("thumb_path", item.thumb), ("overlay_path", item.overlay), ("image_path", item.original)):
             item.row[key] = None
             if data is None:
                 continue
+            ext = "jpg"
+            if key == "image_path":  # kept byte for byte: the extension says what the bytes are
+                from PIL import Image
+
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        ext = {"JPEG": "jpg", "TIFF": "tif"}.get(im.format or "", (im.format or "bin").lower())
+                except Exception:
+                    ext = "bin"
             if key == "overlay_path" and len(data) > 200_000:  # the answer's overlay of a large image: smaller
                 from PIL import Image
 
                 data = jpeg(Image.open(io.BytesIO(data)), OVERLAY_PX)
-            rel = f"{day}/{stem}_{key.split('_')[0]}.jpg"
+            rel = f"{day}/{stem}_{key.split('_')[0]}.{ext}"
             path = os.path.join(self.files_dir, rel)
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -256,7 +275,7 @@ class RecordStore:
             self._fail("failed", f"{len(rows)} decisions not stored: {type(e).__name__}: "
                                  f"{' '.join(str(e).split())[:200]}", len(rows))
             for r in rows:  # no row points at them: do not leave orphans behind
-                self._unlink(r.get("thumb_path"), r.get("overlay_path"))
+                self._unlink(r.get("thumb_path"), r.get("overlay_path"), r.get("image_path"))
             return
         with self._lock:
             self.counts["written"] += len(rows)
@@ -324,9 +343,10 @@ class RecordStore:
             if not conds:
                 return 0
             gone = conn.execute(sa.delete(decisions).where(sa.or_(*conds))
-                                .returning(decisions.c.thumb_path, decisions.c.overlay_path)).all()
-        for thumb, ov in gone:
-            self._unlink(thumb, ov)
+                                .returning(decisions.c.thumb_path, decisions.c.overlay_path,
+                                           decisions.c.image_path)).all()
+        for paths in gone:
+            self._unlink(*paths)
         with self._lock:
             self.counts["pruned"] += len(gone)
         return len(gone)
@@ -381,8 +401,40 @@ class RecordStore:
     def path(self, rel: str) -> str:
         return os.path.join(self.files_dir, rel)
 
+    def export_reviewed(self, dest: str) -> dict[str, Any]:
+        """Reviewed images as a dataset folder `train` accepts: dest/good/ (false alarm, ok) and dest/defect/
+        (confirmed, missed), one file per image (its latest review), the bytes as received. Decisions recorded
+        without their image (Serving.record_images off) are counted, not exported: thumbnails are too small
+        to train on. Written beside `dest` and renamed into place."""
+        import shutil
+        import tempfile
 
-GOOD_REVIEWS, BAD_REVIEWS = ("false_alarm", "ok"), ("confirmed", "missed")
+        dest = os.path.abspath(dest)
+        if os.path.exists(dest):
+            raise UadkitError(f"export: '{dest}' already exists")
+        c = decisions.c
+        q = sa.select(c.image_sha256, c.review, c.image_path).where(c.review.in_(GOOD_REVIEWS + BAD_REVIEWS)) \
+            .order_by(c.reviewed_at, c.id)
+        with self.engine.connect() as conn:
+            latest = {sha: (review, rel) for sha, review, rel in conn.execute(q)}  # later reviews win
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=os.path.dirname(dest))
+        counts = {"good": 0, "defect": 0, "without_image": 0}
+        try:
+            for sub in ("good", "defect"):
+                os.makedirs(os.path.join(tmp, sub))
+            for sha, (review, rel) in latest.items():
+                if not rel or not os.path.isfile(self.path(rel)):
+                    counts["without_image"] += 1
+                    continue
+                sub = "good" if review in GOOD_REVIEWS else "defect"
+                shutil.copyfile(self.path(rel), os.path.join(tmp, sub, sha[:16] + os.path.splitext(rel)[1]))
+                counts[sub] += 1
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return {"path": dest, **counts}
 
 
 def reviewed_scores(engine: sa.Engine, versions: list[str]) -> tuple[Any, Any]:
