@@ -174,7 +174,9 @@ def test_review_page_in_headless_chromium(trained, demo_dir, tmp_path):
 
     assert CHROMIUM, "CI must install Debian's chromium (.ci/run does)"
     paths = _images(demo_dir)
-    with live_server(os.path.join(trained, "best_model"), tmp_path, require_token=True, token=TOKEN) as (base, _, _):
+    model_dir = str(tmp_path / "best_model")  # a copy: recalibrating writes a new version beside it
+    shutil.copytree(os.path.join(trained, "best_model"), model_dir)
+    with live_server(model_dir, tmp_path, require_token=True, token=TOKEN) as (base, _, _):
         assert all(code == 200 for code, _ in _send_all(base, paths, 4))
         for _ in range(100):  # recorded behind the answers
             if _get(base + "/records?limit=1000", TOKEN)[1]["counts"]["total"] == len(paths):
@@ -220,4 +222,22 @@ def test_review_page_in_headless_chromium(trained, demo_dir, tmp_path):
             page.click("#apply")
             flagged = sum(r["score"] >= 0.5 for r in _get(base + "/records?limit=1000", TOKEN)[1]["records"])
             page.wait_for_function(f"document.querySelectorAll('.card').length === {flagged}")
+            # feedback: six marked good, then the buttons: recalibrate (a new version served) and export
+            page.fill("#min", "")
+            page.click("#apply")
+            page.wait_for_function(f"document.querySelectorAll('.card').length === {len(paths)}")
+            page.locator(".card").first.click()
+            for i in range(1, 7):
+                page.keyboard.press("o")
+                page.wait_for_function(f"document.getElementById('count-ok').textContent === '{i}'")
+            old_version = _get(base + "/health")[1]["model_version"]
+            page.click("#recal")
+            page.wait_for_function("document.getElementById('recal-result').textContent.includes('now serving')",
+                                   timeout=120_000)
+            new_version = _get(base + "/health")[1]["model_version"]
+            assert new_version != old_version and new_version in page.inner_text("#recal-result")
+            assert os.path.isfile(os.path.join(model_dir + ".v2", "model.yaml"))
+            page.click("#export")  # recorded without Serving.record_images: nothing to export, and it says why
+            page.wait_for_function("document.getElementById('recal-result').textContent.includes('exported')")
+            assert "6 reviewed without a stored image" in page.inner_text("#recal-result")
             browser.close()
