@@ -192,7 +192,13 @@ def recalibrate(cfg: dict) -> dict[str, Any]:
     if c.get("db"):
         from ..serving.records import make_engine, migrate
 
-        engine = make_engine(c["db"])
+        if not isinstance(c["db"], str):
+            raise UadkitError(f"Calibrate.db: expected an SQLAlchemy URL (sqlite:///FILE, postgresql://...), "
+                              f"got {c['db']!r}")
+        try:
+            engine = make_engine(c["db"])
+        except UadkitError as e:
+            raise UadkitError(f"Calibrate.db: {str(e).removeprefix('--db: ').removeprefix('--db ')}") from e
         try:
             migrate(engine)
             return recalibrate_from_records(cfg, model_dir, engine)
