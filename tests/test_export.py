@@ -103,3 +103,13 @@ def test_unknown_run_mode_is_a_one_line_config_error(exported):
 
     with pytest.raises(UadkitError, match="Predict.run_mode.*torch, onnxruntime, openvino"):
         create_model(model_dir=exported.model_dir, run_mode="tensorrt")
+
+
+def test_auto_run_mode_picks_the_models_preferred_runtime(exported):
+    from uadkit.runtimes import RUNTIMES
+
+    det = create_model(model_dir=exported.model_dir)  # Predict.run_mode defaults to auto
+    assert det.cfg["Predict"]["run_mode"] == "auto"
+    want = RUNTIMES[exported.model.preferred_runtime]
+    scorer = det.scorer()
+    assert (scorer is det.model) if want.artefact is None else scorer.path.endswith(want.artefact)

@@ -129,9 +129,9 @@ class AnomalyDetector:
     def scorer(self):
         """What runs the scoring path for `Predict.run_mode`: the torch model, or an exported artefact
         (exported on first use if the model folder has none)."""
-        from .runtimes import runtime_spec
+        from .runtimes import resolve_run_mode
 
-        spec = runtime_spec(self.cfg["Predict"]["run_mode"])
+        spec = resolve_run_mode(self.cfg["Predict"]["run_mode"], self.model)
         if spec.artefact is None:
             return self.model
         if self._onnx is None or getattr(self, "_runtime_mode", None) != spec.name:

@@ -68,7 +68,7 @@ COMMON: dict[str, dict[str, Any]] = {
                  "run_mode": "torch"},  # any runtime: its accuracy is measured by the same evaluate
     "Predict": {"model_dir": None, "input": None, "batch_size": 1, "threshold": None, "save_images": True,
                 # onnxruntime measured faster than torch for every model at equal results (bench_runtime.py)
-                "run_mode": "onnxruntime", "num_workers": 0,
+                "run_mode": "auto", "num_workers": 0,
                 "max_pixels": DEFAULT_MAX_PIXELS,  # larger images are refused from their header, before decoding
                 "on_error": "skip",                # skip: go on past bad inputs (listed, exit 1) | stop
                 # record each decision (serving/records.py) in Predict.db, default Global.output/records/records.db
@@ -267,8 +267,8 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     from .runtimes import RUNTIMES
 
     for section in ("Predict", "Evaluate"):
-        if cfg[section]["run_mode"] not in RUNTIMES:
-            raise UadkitError(f"config key '{section}.run_mode': expected one of {', '.join(RUNTIMES)}, "
+        if cfg[section]["run_mode"] not in (*RUNTIMES, "auto"):
+            raise UadkitError(f"config key '{section}.run_mode': expected auto or one of {', '.join(RUNTIMES)}, "
                               f"got {cfg[section]['run_mode']!r}")
     dev = str(g["device"])
     if not (dev == "cpu" or dev.startswith(("gpu", "cuda"))):

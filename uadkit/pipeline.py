@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 PIPELINES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pipelines")
 DEFAULTS: dict[str, Any] = {
     "pipeline_name": "anomaly_detection",
-    "SubModules": {"AnomalyDetection": {"model_dir": None, "batch_size": 1, "run_mode": "onnxruntime",
+    "SubModules": {"AnomalyDetection": {"model_dir": None, "batch_size": 1, "run_mode": "auto",
                                         "threshold": None, "device": "cpu"}},
     "Serving": {"host": "127.0.0.1", "port": 8080, "max_body_mb": 20, "max_pixels": DEFAULT_MAX_PIXELS,
                 "decode_timeout_s": 10, "max_batch": 8, "batch_wait_ms": 5, "allow_url_fetch": False,

@@ -45,6 +45,8 @@ class AnomalyModel(nn.Module):
     model_defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
     trainable: ClassVar[bool] = False  # True: gradient training loop; False: one `fit` pass over features
+    # the runtime `Predict.run_mode: auto` picks: the fastest one measured at equal results (bench_runtime.py)
+    preferred_runtime: ClassVar[str] = "onnxruntime"
     position_tied: ClassVar[bool] = False  # statistics per map position: cannot share one model over tiles
 
     def __init__(self, model_cfg: dict[str, Any]) -> None:

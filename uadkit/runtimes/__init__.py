@@ -24,9 +24,14 @@ def runtime_spec(run_mode: str) -> RuntimeSpec:
     return RUNTIMES[run_mode]
 
 
-def load_runtime(run_mode: str, model_dir: str | None, model=None, device: str = "cpu") -> Runtime:
+def resolve_run_mode(run_mode: str, model) -> RuntimeSpec:
+    """`auto` is the model's preferred runtime (the fastest measured at equal results); others by name."""
+    return runtime_spec(model.preferred_runtime if run_mode == "auto" else run_mode)
+
+
+def load_runtime(run_mode: str, model_dir: str | None, model, device: str = "cpu") -> Runtime:
     """The scorer for `run_mode`: the torch model itself, or an exported artefact of `model_dir`."""
-    return runtime_spec(run_mode).load(model_dir, model, device)
+    return resolve_run_mode(run_mode, model).load(model_dir, model, device)
 
 
-__all__ = ["RUNTIMES", "Runtime", "RuntimeSpec", "load_runtime", "runtime_spec"]
+__all__ = ["RUNTIMES", "Runtime", "RuntimeSpec", "load_runtime", "resolve_run_mode", "runtime_spec"]

@@ -19,7 +19,7 @@ def _openvino():
     try:
         import openvino as ov
     except ImportError as e:
-        raise UadkitError("run_mode openvino needs the openvino package: pip install 'uadkit[openvino]'") from e
+        raise UadkitError("run_mode openvino needs the openvino package: pip install openvino") from e
     return ov
 
 
