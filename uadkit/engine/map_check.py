@@ -1,0 +1,123 @@
+"""Are the anomaly maps of good images dominated by fixed places? A check for every model.
+
+Given the raw maps of good validation images, it measures how much of their spatial variation is the same
+in every image, and whether the image border or one small region holds it. Each map is first reduced to a
+`GRID` x `GRID` grid and standardised (its own mean 0, spread 1), so the figures do not depend on the
+model's units, the image size or an offset.
+
+- `shared_variance`: the share of a map's spatial variance that every good image has in common (an intraclass
+  correlation, corrected for the number of images: about 0 when the hot spots move from image to image).
+  A per-position model (PaDiM) normalises every position by its own statistics, so on images like its
+  training images it has nothing to share; a shared pattern means its Gaussians do not fit, typically because
+  the parts are not aligned. Position-free models (PatchCore, STFPM) score parts of the object differently
+  by content, so a shared pattern is normal for them and not warned about.
+- `border_excess`: how far the border band lies above the rest, in units of a map's spread, averaged over the
+  images (every model: a frame in every good image sets the thresholds, e.g. padding or vignetting).
+- `hot_region_excess` with `hot_region`: the same for the hottest `HOT_AREA` of the mean map
+  (x0, y0, x1, y1 as fractions of the image), i.e. one small place every good image scores high.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GRID = 64               # maps are compared on a GRID x GRID grid
+BORDER = 1 / 16         # border band: this fraction of each side
+HOT_AREA = 0.05         # the "small region": this fraction of the image
+MIN_IMAGES = 8          # fewer good maps: figures only, no warnings (too noisy to tell)
+# Thresholds measured on generated parts (data/demo.py make_part_dataset, 4 seeds x 16 good maps, 128 px):
+# PaDiM shared_variance 0.09-0.27 with parts shifted/turned by up to 4 % / 3 degrees, -0.003-0.047 aligned.
+SHARED_POSITION_TIED = 0.07
+BORDER_EXCESS = 1.0
+HOT_REGION_EXCESS = 2.0
+
+
+def _grid(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, GRID, GRID) standardised maps; constant maps (nothing to compare) are dropped."""
+    out = []
+    for m in maps:
+        a = np.asarray(m, dtype=np.float32)
+        if a.ndim == 3:  # (1, H, W) as a model returns it
+            a = a[0]
+        if a.ndim != 2:
+            raise ValueError(f"good_map_report: expected 2-D maps, got shape {a.shape}")
+        t = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(a))[None, None], GRID)[0, 0].double()
+        sd = float(t.std())
+        if sd > 0 and np.isfinite(sd):
+            out.append(((t - t.mean()) / sd).numpy())
+    return np.stack(out) if out else np.zeros((0, GRID, GRID))
+
+
+def _band(width: float) -> np.ndarray:
+    k = max(1, round(GRID * width))
+    band = np.zeros((GRID, GRID), bool)
+    band[:k] = band[-k:] = True
+    band[:, :k] = band[:, -k:] = True
+    return band
+
+
+def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
+                    model_name: str = "the model") -> dict[str, Any]:
+    """Figures on the raw anomaly maps of good images (any sizes) and warnings, one string each.
+
+    `position_tied`: the model keeps statistics per map position (`AnomalyModel.position_tied`, PaDiM)."""
+    z = _grid(maps)
+    n = len(z)
+    report: dict[str, Any] = {"images": n, "shared_variance": None, "border_excess": None,
+                              "hot_region_excess": None, "hot_region": None, "warnings": []}
+    if n < 2:
+        return report
+    mean = z.mean(0)
+    # Each map has spatial variance 1; the mean of n independent ones has 1/n. The excess over 1/n, scaled
+    # to [.., 1], is the shared part (1: every map is the same pattern).
+    shared = (float(mean.var()) - 1 / n) / (1 - 1 / n)
+    band = _band(BORDER)
+    border = float(np.mean([m[band].mean() - m[~band].mean() for m in z]))
+    k = max(1, round(HOT_AREA * GRID * GRID))
+    hot = np.zeros(GRID * GRID, bool)
+    hot[np.argpartition(mean.ravel(), -k)[-k:]] = True
+    hot = hot.reshape(GRID, GRID)
+    # Leave-one-out: each image's excess in the region picked by the others, so noise alone scores about 0.
+    loo = []
+    for i in range(n):
+        rest = (mean * n - z[i]) / (n - 1)
+        sel = np.zeros(GRID * GRID, bool)
+        sel[np.argpartition(rest.ravel(), -k)[-k:]] = True
+        sel = sel.reshape(GRID, GRID)
+        loo.append(z[i][sel].mean() - z[i][~sel].mean())
+    hot_excess = float(np.mean(loo))
+    ys, xs = np.nonzero(hot)
+    region = [round(xs.min() / GRID, 3), round(ys.min() / GRID, 3), round((xs.max() + 1) / GRID, 3),
+              round((ys.max() + 1) / GRID, 3)]
+    report.update(shared_variance=round(shared, 4), border_excess=round(border, 3),
+                  hot_region_excess=round(hot_excess, 3), hot_region=region)
+    if n < MIN_IMAGES:
+        return report
+    warnings = report["warnings"]
+    if position_tied and shared >= SHARED_POSITION_TIED:
+        warnings.append(
+            f"{model_name}: the anomaly maps of the {n} good validation images share a fixed pattern "
+            f"({shared:.0%} of their variation; a per-position model should leave none): its per-position "
+            "statistics do not fit these images. Typically the parts are not aligned from image to image "
+            "(shifted or turned): use PatchCore (-c configs/PatchCore.yaml), which compares patches wherever "
+            "they are. If they are aligned, a noisy background can outweigh the part with too few images: "
+            "add training images, or with PaDiM try Model.covariance=oas.")
+    alternative = " or use PatchCore" if position_tied else ""
+    if border >= BORDER_EXCESS:
+        warnings.append(
+            f"{model_name}: the good images' anomaly maps are highest along the image border ({border:.1f} "
+            f"spreads above the rest on average over {n} images), so the border sets the thresholds and "
+            f"defects inside must outscore it: crop the border (Model.roi){alternative}.")
+    if hot_excess >= HOT_REGION_EXCESS:
+        x0, y0, x1, y1 = region
+        warnings.append(
+            f"{model_name}: the good images' anomaly maps are highest in one region (x {x0:.2f}-{x1:.2f}, "
+            f"y {y0:.2f}-{y1:.2f} of the image; {hot_excess:.1f} spreads above the rest over {n} images), "
+            "so it sets the thresholds: if it is not part of what is inspected, mask it out (Model.roi)"
+            f"{alternative}.")
+    return report
