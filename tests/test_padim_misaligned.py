@@ -123,3 +123,30 @@ def test_oas_shrink_matches_scikit_learn():
 def test_bad_covariance_setting():
     with pytest.raises(UadkitError, match="Model.covariance"):
         _ = create_model("PaDiM", covariance="ledoit").model
+
+
+def test_map_check_position_free_model_warns_only_on_a_fixed_hot_spot(tmp_path):
+    """PatchCore on the fabric: silent on plain good images; when every validation image carries the same
+    foreign mark (a label stuck at one place) the one-region warning fires and names where it is."""
+    from uadkit.data.demo import make_demo_dataset
+
+    demo = make_demo_dataset(tmp_path, n_train=16, n_test_good=0, n_test_defect=1, size=128, n_val=12)
+    det = create_model("PatchCore", input_size=[128, 128])
+    model = det.model.eval()
+    index = load_index(demo)
+    with torch.no_grad():
+        model.fit(model.features(torch.from_numpy(np.stack(
+            [prepare_image(load_image(s.path), model.input_size) for s in index.train[i:i + 8]])))
+            for i in range(0, len(index.train), 8))
+    plain = good_map_report(_val_maps(model, index), model_name="PatchCore")
+    assert plain["warnings"] == [], plain
+    marked = []
+    for s in index.val:
+        im = load_image(s.path).copy()
+        im[90:104, 16:30] = (20, 120, 220)  # x 0.12-0.23, y 0.70-0.81 of the image
+        marked.append(im)
+    rep = good_map_report([r.raw_map for r in score_images(model, marked, CPU)], model_name="PatchCore")
+    assert len(rep["warnings"]) == 1 and "one region" in rep["warnings"][0], rep
+    x0, y0, x1, y1 = rep["hot_region"]
+    assert x0 < 0.23 and x1 > 0.12 and y0 < 0.81 and y1 > 0.70
+    assert "PatchCore" not in rep["warnings"][0].split(":", 1)[1]  # no advice to use the model it is
