@@ -13,8 +13,13 @@ model's units, the image size or an offset.
   by content, so a shared pattern is normal for them and not warned about.
 - `border_excess`: how far the border band lies above the rest, in units of a map's spread, averaged over the
   images (every model: a frame in every good image sets the thresholds, e.g. padding or vignetting).
-- `hot_region_excess` with `hot_region`: the same for the hottest `HOT_AREA` of the mean map
-  (x0, y0, x1, y1 as fractions of the image), i.e. one small place every good image scores high.
+- `hot_region_excess` with `hot_region`: the same for the hottest `HOT_AREA` of the mean map, each image
+  measured in the region the other images pick (noise alone gives about 0); `hot_region` is the bounding box
+  of that area (x0, y0, x1, y1 as fractions of the image), the whole image when nothing is concentrated.
+
+The maps must be of good images the model was not fitted on (held out): a one-pass model fitted on them
+scores them in-sample, which carries its own pattern (measured on aligned generated parts with PaDiM:
+shared_variance 0.087 in-sample, a false warning, vs 0.020 held out).
 """
 
 from __future__ import annotations
@@ -92,8 +97,7 @@ def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
         loo.append(z[i][sel].mean() - z[i][~sel].mean())
     hot_excess = float(np.mean(loo))
     ys, xs = np.nonzero(hot)
-    region = [round(xs.min() / GRID, 3), round(ys.min() / GRID, 3), round((xs.max() + 1) / GRID, 3),
-              round((ys.max() + 1) / GRID, 3)]
+    region = [round(float(v) / GRID, 3) for v in (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)]
     report.update(shared_variance=round(shared, 4), border_excess=round(border, 3),
                   hot_region_excess=round(hot_excess, 3), hot_region=region)
     if n < MIN_IMAGES:
