@@ -49,7 +49,8 @@ class AnomalyDetector:
         self._model = model
         self.meta = meta or {}
         self.model_dir = model_dir  # where the trained model lives on disk (its exported graph beside it)
-        self._onnx = None
+        self._runtime = None  # the loaded exported runtime, if Predict.run_mode names one
+        self._runtime_mode: str | None = None
 
     @property
     def name(self) -> str:
@@ -98,13 +99,13 @@ class AnomalyDetector:
             self._model, self.meta = load_model_dir(result["models"]["best_model"])
         else:
             result = run_training(self.model, index, cfg)
-        self.model_dir, self._onnx = result["models"]["best_model"], None
+        self.model_dir, self._runtime = result["models"]["best_model"], None
         return result
 
     def save(self, path: str) -> str:
         if not self.is_trained:
             raise UadkitError("this model is not trained yet; nothing to save")
-        self.model_dir, self._onnx = save_model_dir(self.model, path), None
+        self.model_dir, self._runtime = save_model_dir(self.model, path), None
         return self.model_dir
 
     def predict(self, inputs: Any, batch_size: int = 1, threshold: float | None = None,
@@ -134,7 +135,7 @@ class AnomalyDetector:
         spec = resolve_run_mode(self.cfg["Predict"]["run_mode"], self.model)
         if spec.artefact is None:
             return self.model
-        if self._onnx is None or getattr(self, "_runtime_mode", None) != spec.name:
+        if self._runtime is None or self._runtime_mode != spec.name:
             if not self.model_dir:
                 raise UadkitError(f"run_mode {spec.name} needs a saved model: train it or load it from a model_dir")
             if not os.path.isfile(os.path.join(self.model_dir, "inference", spec.artefact)):
@@ -142,9 +143,9 @@ class AnomalyDetector:
 
                 export_onnx(self.model, self.model_dir, self.cfg["Export"]["opset"])
                 self.model.to(main_device(self.cfg["Global"]["device"]))
-            self._onnx = spec.load(self.model_dir, self.model, self.cfg["Global"]["device"])
+            self._runtime = spec.load(self.model_dir, self.model, self.cfg["Global"]["device"])
             self._runtime_mode = spec.name
-        return self._onnx
+        return self._runtime
 
     def export(self, opset: int | None = None) -> str:
         """Write <model_dir>/inference/ (ONNX graph + inference.yml); returns the folder."""
@@ -152,7 +153,7 @@ class AnomalyDetector:
 
         if not self.is_trained or not self.model_dir:
             raise UadkitError("export: train or load a model first")
-        self._onnx = None
+        self._runtime = None
         return export_onnx(self.model, self.model_dir, opset or self.cfg["Export"]["opset"])
 
     def calibrate(self, dataset_dir: str, false_alarm_rate: float | None = None, **overrides: Any) -> dict[str, Any]:
@@ -170,7 +171,7 @@ class AnomalyDetector:
         result = recalibrate(apply_kwargs(self.cfg, overrides, ("Calibrate", "Global")))
         self._model, self.meta = load_model_dir(self.model_dir)
         self._model.to(main_device(self.cfg["Global"]["device"]))
-        self._onnx = None
+        self._runtime = None
         return result
 
     def evaluate(self, dataset_dir: str | None = None, **overrides: Any) -> dict[str, Any]:
