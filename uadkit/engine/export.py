@@ -4,7 +4,9 @@ Writes `<model_dir>/inference/model.onnx`, every other runtime's artefact built 
 OpenVINO IR, ...) and `inference.yml` (input size, model name, thresholds, uadkit version, the artefacts).
 Images go in as float32 (B, 3, H, W) in [0, 1]; the backbone's normalisation is inside
 the graph. Out come raw_map, raw_score, norm_map, norm_score; resizing to the original image size
-happens outside, in the shared predictor.
+happens outside, in the shared predictor. A model whose scoring has a step a graph cannot hold (PatchCore's
+HNSW search) exports the graph up to that step (`model.graph`) and the tensors of the rest
+(`model.head_state()`, `head.safetensors`); every runtime then runs `model.finish` on the graph's outputs.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
 from ..errors import UadkitError
 from ..models import AnomalyModel
+from ..models.base import SCORE_OUTPUTS
 from .calibration import CALIBRATION_KEYS
 
 log = logging.getLogger("uadkit")
-OUTPUTS = ["raw_map", "raw_score", "norm_map", "norm_score"]
+OUTPUTS = list(SCORE_OUTPUTS)
+HEAD = "head.safetensors"
 
 
 class _Scoring(nn.Module):
@@ -35,7 +40,7 @@ class _Scoring(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor):
-        return self.model.scores(images)
+        return self.model.graph(images)
 
 
 def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
@@ -47,24 +52,29 @@ def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
     tmp = tempfile.mkdtemp(prefix=".inference.tmp-", dir=os.path.abspath(model_dir))
     try:
         h, w = model.input_size
+        outputs = model.graph_outputs()
         dummy = torch.rand(2, 3, h, w)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # eval() on the wrapper too: the exporter traces in the top module's mode, and a training-mode
             # trace would use batch statistics in BatchNorm (and update the running ones).
             torch.onnx.export(_Scoring(model).eval(), (dummy,), os.path.join(tmp, "model.onnx"), input_names=["images"],
-                              output_names=OUTPUTS, opset_version=opset, dynamo=False,
+                              output_names=outputs, opset_version=opset, dynamo=False,
                               # no folding: it would store PatchCore's bank twice (as is and transposed);
                               # ONNX Runtime folds constants itself when it loads the graph
                               do_constant_folding=False,
-                              dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}})
+                              dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
         info: dict[str, Any] = {
             "model": model.name, "uadkit_version": __version__, "input_size": list(model.input_size),
             "input": "float32 RGB (batch, 3, height, width) in [0, 1]; normalisation is inside the graph",
-            "outputs": OUTPUTS, "opset": opset,
+            "outputs": outputs, "opset": opset,
             "calibration": {k: float(v) for k, v in zip(CALIBRATION_KEYS, model.calibration)},
             "Model": model.cfg,
         }
+        head = model.head_state()
+        if head:  # a step after the graph (e.g. an approximate search): its tensors, run by the model's `finish`
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, os.path.join(tmp, HEAD))
+            info["head"] = HEAD
         # every exported runtime's artefact, built from this graph, side by side
         from ..runtimes import RUNTIMES
 

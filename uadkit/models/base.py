@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backbones import FeatureExtractor
 
+SCORE_OUTPUTS = ("raw_map", "raw_score", "norm_map", "norm_score")  # what `scores` returns, in order
 LN19 = math.log(19.0)  # sigmoid(-ln 19) = 0.05: the median good image lands at a normalised 0.05
 
 
@@ -110,6 +111,23 @@ class AnomalyModel(nn.Module):
         amap, score = self(images)
         nmap, nscore = self.normalise(amap, score)
         return amap, score, nmap, nscore
+
+    # -- export: `scores(x) == finish(graph(x))`; an exported graph holds `graph`, every runtime runs `finish` --
+    def graph_outputs(self) -> list[str]:
+        """Names of what `graph` returns (the exported graph's outputs)."""
+        return list(SCORE_OUTPUTS)
+
+    def graph(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The part of the scoring path an exported graph holds: all of it, unless a step cannot be traced."""
+        return self.scores(images)
+
+    def finish(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`graph`'s outputs -> `scores`' four; runs after the graph in every runtime (default: nothing to do)."""
+        return outputs
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """Tensors `finish` needs, saved beside an exported graph ({}: `finish` does nothing)."""
+        return {}
 
     # -- learning ------------------------------------------------------------------------------------
     def training_targets(self, images: torch.Tensor) -> list[torch.Tensor] | None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..backbones import backbone_info
 from ..errors import UadkitError
 from .base import AnomalyModel, gaussian_blur
+from .search import BankSearch, nearest
 
 
 def patch_embed(features: list[torch.Tensor]) -> torch.Tensor:
@@ -57,33 +58,18 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 64, seed: int = 0) -
     return chosen
 
 
-def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
-            chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest bank rows for each query row (Euclidean), chunked so memory stays bounded."""
-    dists, idx = [], []
-    bank_sq = (bank * bank).sum(1)
-    # An exported graph has no data-dependent chunk count: it searches in one block.
-    for q in [query] if torch.onnx.is_in_onnx_export() else query.split(chunk):
-        # |q|^2 is the same for every bank row, so it is added after the arg-min, not before
-        d = torch.addmm(bank_sq, q, bank.T, alpha=-2)
-        v, i = d.min(1, keepdim=True) if k == 1 else d.topk(k, dim=1, largest=False)
-        v = (v + (q * q).sum(1, keepdim=True)).clamp_min_(0)
-        dists.append(v.sqrt())
-        idx.append(i)
-    return torch.cat(dists), torch.cat(idx)
-
-
 class PatchCore(AnomalyModel):
     name = "PatchCore"
     trainable = False
     # 320 px and groups of 16 images: measured on mvtec_screw (2 cores) at image AUROC 0.968, pixel 0.9945,
     # fit 46 s; 256 px gave 0.934 / 0.993; groups of 32 at 320 px took 68 s.
     model_defaults = {"input_size": [320, 320], "coreset_ratio": 0.1, "coreset_group": 16, "projection_dim": 64,
-                      "num_neighbors": 9, "max_bank_size": 200000}
+                      "num_neighbors": 9, "max_bank_size": 200000, "search": "hnsw", "search_ef": 32}
     train_defaults = {"batch_size": 8}
 
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
+        BankSearch(model_cfg.get("search", "exact"), int(model_cfg.get("search_ef", 32)))  # raises on bad keys
         ratio = model_cfg["coreset_ratio"]
         if not 0 < ratio <= 1:
             raise UadkitError(f"config key 'Model.coreset_ratio': expected 0 < ratio <= 1, got {ratio}")
@@ -98,6 +84,9 @@ class PatchCore(AnomalyModel):
         self.check_config(model_cfg)
         self.backbone = self.frozen_backbone(backbone_info(model_cfg["backbone"]).patch_stages, pretrained)
         self.register_buffer("memory_bank", torch.zeros(0, sum(self.backbone.channels)))
+        # models saved before the search key searched exactly, and were calibrated so
+        self.search = BankSearch(model_cfg.get("search", "exact"), int(model_cfg.get("search_ef", 32)))
+        self.cfg["search"] = self.search.kind
         # which fit group each bank row / fitted image belongs to (set by fit, not saved)
         self.fit_row_group: torch.Tensor | None = None
         self.fit_image_group: torch.Tensor | None = None
@@ -122,7 +111,7 @@ class PatchCore(AnomalyModel):
         b = emb.shape[0]
         stride = self.backbone.strides[0]
         h, w = (math.ceil(s / stride) for s in self.input_size)  # "same" padding rounds up
-        d, idx = nearest(emb.reshape(b * h * w, -1), bank, 1)
+        d, idx = self.search(emb.reshape(b * h * w, -1), bank, 1)
         patch = d[:, 0].reshape(b, h * w)
         # Image score with PatchCore's reweighting: the most anomalous patch counts for more when its
         # nearest bank entry is itself far from the rest of the bank (a rare, not a dense, region).
@@ -145,9 +134,30 @@ class PatchCore(AnomalyModel):
         amap, score = self.score_embedding(self.features(images))
         return gaussian_blur(amap, self.smoothing_sigma), score
 
+    # An approximate search cannot be traced into a graph: exported graphs then stop at the patch embedding
+    # and every runtime runs `finish` (search, map, score, normalisation) on it, the same code as torch.
+    def graph_outputs(self) -> list[str]:
+        return ["embedding"] if self.search.approximate else super().graph_outputs()
+
+    def graph(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.features(images),) if self.search.approximate else super().graph(images)
+
+    def finish(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if not self.search.approximate:
+            return outputs
+        amap, score = self.score_embedding(outputs[0])
+        amap = gaussian_blur(amap, self.smoothing_sigma)
+        return (amap, score, *self.normalise(amap, score))
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        if not self.search.approximate:
+            return {}
+        return {"memory_bank": self.memory_bank, "calibration": self.calibration, "is_calibrated": self.is_calibrated}
+
     @torch.no_grad()
     def out_of_fold_scores(self, batches: list[torch.Tensor], images, folds: int = 5,
-                           scored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           scored: np.ndarray | None = None, grid: int = 64
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Leave-one-group-out (with at least `folds` groups): each coreset group is reduced on its own (same
         seed), so the bank minus the rows a group contributed is the bank a fit without that group's images
         builds (exactly, while the bank stays under max_bank_size; after a cap reduction, the surviving rows

@@ -68,6 +68,33 @@ class ExportedRuntime:
         from ..engine.calibration import CALIBRATION_KEYS
 
         self.calibration = torch.tensor([float(self.info["calibration"][k]) for k in CALIBRATION_KEYS])
+        self.finish = self._head(model_dir) if self.info.get("head") else (lambda outputs: outputs)
+
+    def _head(self, model_dir: str) -> Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+        """The model's own `finish` step, on a model built without weights and given the saved head tensors."""
+        from safetensors.torch import load_file
+
+        from ..models import build_model
+
+        path = os.path.join(model_dir, "inference", self.info["head"])
+        try:
+            state = load_file(path)
+        except Exception as e:  # missing or corrupt file: safetensors raises its own types
+            raise UadkitError(f"{path}: cannot read the exported head ({e}); run -o Global.mode=export") from e
+        model = build_model(self.name, self.cfg, pretrained=False)
+        prepare = getattr(model, "prepare_state", None)
+        if prepare:
+            prepare(state)
+        model.load_state_dict(state, strict=False)
+        return model.eval().finish
+
+    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs for a batch."""
+        raise NotImplementedError
+
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return self.finish(self.run(images))
 
     def to(self, device: torch.device) -> ExportedRuntime:
         if device.type != "cpu":

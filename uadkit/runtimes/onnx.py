@@ -24,7 +24,7 @@ class OnnxRuntimeModel(ExportedRuntime):
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
 
-    def scores(self, images: torch.Tensor):
+    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = self.session.run(None, {"images": images.cpu().numpy()})
         return tuple(torch.from_numpy(o) for o in outs)
 

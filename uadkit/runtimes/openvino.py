@@ -31,9 +31,9 @@ class OpenVinoModel(ExportedRuntime):
         self.compiled = ov.Core().compile_model(self.path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         self.request = self.compiled.create_infer_request()
 
-    def scores(self, images: torch.Tensor):
+    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         res = self.request.infer({0: images.cpu().numpy()})
-        return tuple(torch.from_numpy(res[self.compiled.output(i)].copy()) for i in range(4))
+        return tuple(torch.from_numpy(res[out].copy()) for out in self.compiled.outputs)
 
 
 def build(onnx_path: str, folder: str) -> str | None:
