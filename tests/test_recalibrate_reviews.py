@@ -17,7 +17,7 @@ from test_records_service import TOKEN, _get, _images
 
 from uadkit.cli import main
 from uadkit.data.formats import load_index
-from uadkit.serving.records import Pending, RecordStore, model_version
+from uadkit.serving.records import Pending, RecordStore, default_db, latest_version, mark_latest, model_version
 
 
 def _truth(path: str) -> bool:
@@ -100,6 +100,7 @@ def test_recalibrate_from_reviews_hot_swaps_under_load(trained, demo_dir, tmp_pa
         assert answers and all(c == 200 for c in answers), f"{answers.count(200)}/{len(answers)} answered"
         new_dir, new_version = result["model_dir"], result["model_version"]
         assert new_dir == model_dir + ".v2" and new_version != old_version
+        assert result["latest_link"] == model_dir + ".latest" and os.readlink(model_dir + ".latest") == "best_model.v2"
         assert result["good"] == sum(not _truth(p) for p in paths) and result["defects"] == sum(map(_truth, paths))
         assert model_version(model_dir) == old_version  # the old version stays on disk, untouched
         meta = yaml.safe_load(open(os.path.join(new_dir, "model.yaml")))
@@ -150,3 +151,47 @@ def test_calibrate_mode_reads_reviews_from_the_database(trained, tmp_path, capsy
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     assert main([*args, "-o", f"Calibrate.db={empty}"]) != 0
     assert "Calibrate.db: 0 decisions" in capsys.readouterr().err
+
+
+def test_latest_link_follows_recalibrations_across_restarts_and_predict(trained, demo_dir, tmp_path):
+    model_dir = str(tmp_path / "models" / "best_model")
+    shutil.copytree(os.path.join(trained, "best_model"), model_dir)
+    v1 = model_version(model_dir)
+    url = f"sqlite:///{tmp_path / 'records.db'}"
+    store = RecordStore(url, str(tmp_path / "files"))
+    row = {"source": "x", "image_sha256": "0" * 64, "model_name": "STFPM", "label": "normal", "threshold": 0.5,
+           "defect_area": 0.0, "score": 0.5, "model_version": v1}
+    for i in range(12):
+        store.add(Pending({**row, "raw_score": 0.1 * i}))
+    store.flush()
+    for r in store.query(limit=100)[:8]:
+        store.review(r["id"], "ok", "ana")
+    store.close()
+    link = model_dir + ".latest"
+    with live_server(model_dir, tmp_path, db=url) as (base, _, _):  # loopback: no token needed
+        code, r2 = _recalibrate(base, {}, token=None)
+        assert code == 200 and r2["latest_link"] == link and os.readlink(link) == "best_model.v2"
+        code, r3 = _recalibrate(base, {}, token=None)
+        assert code == 200 and r3["model_dir"] == model_dir + ".v3" and os.readlink(link) == "best_model.v3"
+    # a service restarted on the link serves the newest version, and its next version is .v4 (not .latest.v2)
+    with live_server(link, tmp_path, db=url) as (base, _, _):
+        assert json.loads(urllib.request.urlopen(base + "/health").read())["model_version"] == r3["model_version"]
+        code, r4 = _recalibrate(base, {}, token=None)
+        assert code == 200 and r4["model_dir"] == model_dir + ".v4" and os.readlink(link) == "best_model.v4"
+    assert model_version(model_dir) == v1 and latest_version(model_dir) == model_dir + ".v4"
+    assert mark_latest(model_dir + ".v2") == link and os.readlink(link) == "best_model.v4"  # never backwards
+    os.mkdir(model_dir + ".v5")  # a version still being written (no model.yaml yet) is not the newest
+    assert latest_version(model_dir + ".v2") == model_dir + ".v4"
+    # the service says so when started on an older version
+    with live_server(model_dir, tmp_path, db=url) as (_, _, log):
+        pass
+    assert f"a newer version {model_dir}.v4 exists" in open(log).read() and f"--model_dir {link}" in open(log).read()
+    # predict pointed at the link decides with (and records) the newest version
+    out = tmp_path / "pred"
+    assert main(["-c", "configs/STFPM.yaml", "-o", "Global.mode=predict", "-o", f"Global.output={out}",
+                 "-o", f"Predict.model_dir={link}", "-o", f"Predict.input={demo_dir}/test/stain",
+                 "-o", "Predict.record=true", "-o", "Predict.save_images=false"]) == 0
+    store = RecordStore(default_db(str(out / "records")), str(out / "records" / "files"))
+    rows = store.query()
+    store.close()
+    assert rows and {r["model_version"] for r in rows} == {r4["model_version"]}

@@ -222,10 +222,48 @@ def test_review_page_in_headless_chromium(trained, demo_dir, tmp_path):
             page.click("#apply")
             flagged = sum(r["score"] >= 0.5 for r in _get(base + "/records?limit=1000", TOKEN)[1]["records"])
             page.wait_for_function(f"document.querySelectorAll('.card').length === {flagged}")
-            # feedback: six marked good, then the buttons: recalibrate (a new version served) and export
             page.fill("#min", "")
             page.click("#apply")
             page.wait_for_function(f"document.querySelectorAll('.card').length === {len(paths)}")
+            # paging: 3 per page, "older" follows the ids down (newest first) and "newer" comes back
+            every = _get(base + "/records?limit=1000", TOKEN)[1]["records"]
+            ids = lambda: [int(i) for i in page.eval_on_selector_all(".card", "els => els.map(e => e.dataset.id)")]  # noqa: E731
+            page.fill("#limit", "3")
+            page.locator("#limit").dispatch_event("change")
+            page.wait_for_function("document.querySelectorAll('.card').length === 3")
+            assert ids() == [r["id"] for r in every[:3]] and page.is_disabled("#newer")
+            for start in range(3, len(every), 3):
+                page.click("#older")
+                page.wait_for_function(f"document.querySelector('.card') && "
+                                       f"+document.querySelector('.card').dataset.id === {every[start]['id']}")
+                assert ids() == [r["id"] for r in every[start:start + 3]]
+            assert page.is_disabled("#older") and f"page {-(-len(every) // 3)} " in page.inner_text("#page")
+            back = 3 * ((len(every) - 1) // 3 - 1)  # the page before the last one
+            page.click("#newer")
+            page.wait_for_function(f"+document.querySelector('.card').dataset.id === {every[back]['id']}")
+            assert ids() == [r["id"] for r in every[back:back + 3]] and not page.is_disabled("#older")
+            page.fill("#limit", "100")
+            page.locator("#limit").dispatch_event("change")
+            page.wait_for_function(f"document.querySelectorAll('.card').length === {len(paths)}")
+            # time filter: from / to the second of the middle record (local time in the page, as a person types)
+            mid = int(sorted(r["ts"] for r in every)[len(every) // 2])
+            local = ("t => { const d = new Date(t * 1000), p = n => String(n).padStart(2, '0'); return "
+                     "`${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:"
+                     "${p(d.getMinutes())}:${p(d.getSeconds())}`; }")
+            stamp = page.evaluate(local, mid)
+            for since, until, expected in ((stamp, "", sum(r["ts"] >= mid for r in every)),
+                                           ("", stamp, sum(r["ts"] < mid + 1 for r in every)),
+                                           (page.evaluate(local, mid + 3600), "", 0)):
+                page.fill("#since", since)
+                page.fill("#until", until)
+                page.click("#apply")
+                page.wait_for_function(f"document.getElementById('page').textContent.includes('· {expected} shown')")
+                assert page.locator(".card").count() == expected
+            page.fill("#since", "")
+            page.fill("#until", "")
+            page.click("#apply")
+            page.wait_for_function(f"document.querySelectorAll('.card').length === {len(paths)}")
+            # feedback: six marked good, then the buttons: recalibrate (a new version served) and export
             page.locator(".card").first.click()
             for i in range(1, 7):
                 page.keyboard.press("o")

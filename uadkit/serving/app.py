@@ -11,6 +11,8 @@ capped, and the pixels in flight are bounded (Serving.max_pending_pixels): later
 Every decision is recorded (serving/records.py; Serving.record) without delaying its answer. The history
 (GET /records, /records/{id}/thumb|overlay, POST /records/{id}/review) needs the token whenever the
 service binds to anything but loopback (or Serving.require_token is set); predicting never does.
+POST /recalibrate writes the next version X.vN beside the model folder X, serves it (hot swap) and points the
+symlink X.latest at it: a service restarted or a `predict` run with X.latest uses the newest version.
 """
 
 from __future__ import annotations
@@ -246,6 +248,12 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
         if s["record"] else None
     model_dir = pipeline.cfg["SubModules"]["AnomalyDetection"]["model_dir"]
     version = records.model_version(model_dir) if store else ""
+    newest = records.latest_version(model_dir) if os.path.isdir(model_dir) else model_dir
+    if os.path.realpath(newest) != os.path.realpath(model_dir):
+        link = records.version_base(model_dir)[0] + ".latest"
+        follow = link if os.path.realpath(link) == os.path.realpath(newest) else newest
+        log.warning("serving %s, but a newer version %s exists (recalibrated from reviews); start with "
+                    "--model_dir %s to serve the newest one", model_dir, newest, follow)
     max_body = int(s["max_body_mb"] * 1024 * 1024)
     max_pixels = int(s["max_pixels"])
     batcher = Batcher(pipeline, int(s["max_batch"]), float(s["batch_wait_ms"]), version)
@@ -470,15 +478,17 @@ def create_app(pipeline: AnomalyDetectionPipeline, host: str | None = None) -> F
         store.flush()  # reviews are direct writes; this only makes the latest decisions visible too
         cfg = copy.deepcopy(pipeline.detector.cfg)
         cfg["Calibrate"].update({"false_alarm_rate": rate, "db": store.url})
-        result = recalibrate_from_records(cfg, model_dir, store.engine)
+        # the real folder: served through X.latest, the next version is still X.vN (not X.latest.v2)
+        result = recalibrate_from_records(cfg, os.path.realpath(model_dir), store.engine)
+        result["latest_link"] = records.mark_latest(result["model_dir"])
         sub = pipeline.cfg["SubModules"]["AnomalyDetection"]
         detector = create_model(model_dir=result["model_dir"], device=sub["device"], run_mode=sub["run_mode"])
         predictor = detector.predictor(pipeline.threshold)
         pipeline.detector, model_dir = detector, result["model_dir"]
         batcher.swap(predictor, result["model_version"])
         log.info("recalibrated from reviews: now serving %s (version %s)", model_dir, result["model_version"])
-        return {k: result[k] for k in ("model_dir", "previous_model_dir", "model_version", "good", "defects",
-                                       "before", "after")}
+        return {k: result[k] for k in ("model_dir", "previous_model_dir", "model_version", "latest_link", "good",
+                                       "defects", "before", "after")}
 
     @app.post("/recalibrate")
     async def post_recalibrate(request: Request):

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -148,6 +149,53 @@ def model_version(model_dir: str) -> str:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]
+
+
+# Versions of a model folder X: X itself (v1), then X.v2, X.v3, ... written beside it by "recalibrate from
+# reviews"; X.latest is a relative symlink to the newest, so any tool pointed at X.latest uses it.
+_VERSION = re.compile(r"\.v(\d+)$")
+
+
+def version_base(model_dir: str) -> tuple[str, int]:
+    """(X, n) for X.vn, (X, 1) for X itself; symlinks resolved (X.latest gives the version it points at)."""
+    path = os.path.realpath(model_dir).rstrip(os.sep)
+    m = _VERSION.search(path)
+    return (path[:m.start()], int(m.group(1))) if m else (path, 1)
+
+
+def latest_version(model_dir: str) -> str:
+    """The newest complete version of `model_dir`'s model: the X.vN with the highest N holding a model.yaml
+    (a folder still being written has none), else X. The rule needs no pointer: it holds for versions written
+    by the service and by `-o Global.mode=calibrate -o Calibrate.db=...` alike."""
+    base, _ = version_base(model_dir)
+    parent, stem = os.path.split(base)
+    best, path = 1, base
+    for name in os.listdir(parent):
+        m = re.fullmatch(re.escape(stem) + r"\.v(\d+)", name)
+        if m and int(m.group(1)) > best and os.path.isfile(os.path.join(parent, name, "model.yaml")):
+            best, path = int(m.group(1)), os.path.join(parent, name)
+    return path
+
+
+def mark_latest(version_dir: str) -> str | None:
+    """Point X.latest (a relative symlink beside X) at `version_dir`, atomically and never backwards (two
+    replicas recalibrating at once: the higher version stays). Returns the link, or None where symlinks cannot
+    be made (logged: the new version is written and served all the same)."""
+    base, n = version_base(version_dir)
+    link = base + ".latest"
+    tmp = os.path.join(os.path.dirname(link), f".{os.path.basename(link)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if os.path.islink(link) and os.path.isdir(link) and version_base(link)[1] > n:
+            return link
+        os.symlink(os.path.basename(os.path.realpath(version_dir)), tmp, target_is_directory=True)
+        os.replace(tmp, link)  # atomic: a reader sees the old version or the new one, never no link
+        return link
+    except OSError as e:
+        if os.path.islink(tmp):
+            os.unlink(tmp)
+        log.warning("%s: not pointed at the new version %s (%s); use the version folder itself",
+                    link, version_dir, e)
+        return None
 
 
 @dataclass
