@@ -117,3 +117,21 @@ def test_auto_run_mode_picks_the_models_preferred_runtime(exported):
     want = RUNTIMES[exported.model.preferred_runtime]
     scorer = det.scorer()
     assert (scorer is det.model) if want.artefact is None else scorer.path.endswith(want.artefact)
+
+
+def test_onnxruntime_gpu_needs_its_cuda_provider():
+    """Global.device=gpu with run_mode onnxruntime: the CUDA provider when installed, else a one-line hint.
+    (This machine has no GPU: what runs here is the provider choice and the message.)"""
+    from uadkit.errors import UadkitError
+    from uadkit.runtimes.onnx import providers_for
+
+    assert providers_for(torch.device("cpu"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    got = providers_for(torch.device("cuda:1"), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert got == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    with pytest.raises(UadkitError, match="pip install onnxruntime-gpu"):
+        providers_for(torch.device("cuda:0"), ["CPUExecutionProvider"])
+    if not torch.cuda.is_available():
+        from uadkit.engine.device import main_device
+
+        with pytest.raises(UadkitError, match="no CUDA GPU is available here; use Global.device=cpu"):
+            main_device("gpu")
