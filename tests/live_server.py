@@ -1,9 +1,11 @@
-"""Start the real service (`main.py --serve`) on 127.0.0.1 for a test, and talk to it over HTTP."""
+"""Start the real service (`main.py --serve`) on 127.0.0.1 for a test, and talk to it over HTTP.
+Also used by benchmarks/load_test.py and scripts/screenshots.py (one way to start it and wait for it)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -11,8 +13,11 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -21,27 +26,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(base: str, proc: subprocess.Popen, log_path: str | os.PathLike, timeout: float = 120) -> None:
+    """Until GET /health answers; the server's log as the error if it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = "exited" if proc.poll() is not None else f"no /health answer within {timeout:g} s"
+                raise RuntimeError(f"server {why}:\n{open(log_path).read()}") from None
+            time.sleep(0.1)
+
+
 @contextmanager
-def live_server(model_dir: str, folder, **serving):
-    """Yields (base_url, process, log_path); the log holds everything the server printed."""
-    cfg = yaml.safe_load(open("configs/pipelines/anomaly_detection.yaml"))
-    cfg["Serving"].update({"records_dir": str(folder / "records"), **serving})  # never the repo's output/
+def live_server(model_dir: str, folder: str | os.PathLike, **serving):
+    """Yields (base_url, process, log_path); the log holds everything the server printed. `serving`: keys
+    of the pipeline's Serving section (records go under `folder`/records, never the repo's output/)."""
+    folder = Path(folder)
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "pipelines", "anomaly_detection.yaml")))
+    cfg["Serving"].update({"records_dir": str(folder / "records"), **serving})
     (folder / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     log_path = folder / "server.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--pipeline", str(folder / "pipe.yaml"),
-                             "--model_dir", model_dir, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--serve", "--pipeline",
+                             str(folder / "pipe.yaml"), "--model_dir", os.path.abspath(model_dir), "--port",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(open(log_path).read()) from None
-                time.sleep(0.1)
+        wait_healthy(base, proc, log_path)
         yield base, proc, log_path
     finally:
         proc.terminate()
