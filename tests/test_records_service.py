@@ -252,7 +252,7 @@ def test_review_page_in_headless_chromium(trained, demo_dir, tmp_path):
                      "${p(d.getMinutes())}:${p(d.getSeconds())}`; }")
             stamp = page.evaluate(local, mid)
             for since, until, expected in ((stamp, "", sum(r["ts"] >= mid for r in every)),
-                                           ("", stamp, sum(r["ts"] < mid + 1 for r in every)),
+                                           ("", stamp, sum(r["ts"] <= mid + 0.999 for r in every)),
                                            (page.evaluate(local, mid + 3600), "", 0)):
                 page.fill("#since", since)
                 page.fill("#until", until)
