@@ -163,3 +163,92 @@ def make_part_dataset(root: str | os.PathLike, n_train: int = 40, n_test_good: i
             Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"))
             Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
     return root
+
+
+HIGHRES_DEFECTS = ("fiber", "knot", "speck")
+_FAST_PNG = {"compress_level": 1}  # megapixel PNGs: zlib's default level takes ~8x longer for ~15% less disk
+
+
+def _highres_fabric(rng: np.random.Generator, size: int) -> np.ndarray:
+    """`_fabric`'s weave as one production run of it: the same 8 px period and tint in every image (a new
+    period or dye per image would be a new product), shifted by a random offset, with fibre noise and a soft,
+    large-scale mottling, so the image resized to a model's input is not a flat field either."""
+    from .synthetic import perlin
+
+    period = 8.0
+    oy, ox = rng.uniform(0, 2 * period, size=2)
+    # open grids in float32: full float64 grids of a 2048 px image would cost ~10x the time and memory
+    y = (np.arange(size, dtype=np.float32) + np.float32(oy))[:, None]
+    x = (np.arange(size, dtype=np.float32) + np.float32(ox))[None, :]
+    bend = rng.uniform(0, 2 * np.pi, size=2).astype(np.float32)
+    k = np.float32(2 * np.pi / period)
+    warp = np.sin(k * x + np.float32(0.3) * np.sin(y / np.float32(23.0) + bend[0]))
+    weft = np.sin(k * y + np.float32(0.3) * np.sin(x / np.float32(29.0) + bend[1]))
+    checker = np.sin(k / 2 * x) * np.sin(k / 2 * y) > 0
+    fibres = gaussian_filter(rng.random((size, size), dtype=np.float32), 0.8)
+    low = max(8, size // 8)  # the mottling is smooth: made at 1/8 of the size and enlarged (perlin is slow)
+    mottle = perlin((low, low), (4, 4), rng) + 0.5 * perlin((low, low), (9, 9), rng)
+    mottle = np.asarray(Image.fromarray(mottle.astype(np.float32), "F").resize((size, size), Image.BILINEAR))
+    base = (0.5 + 0.18 * np.where(checker, warp, weft)) * (1 + 0.05 * mottle) + 0.12 * (fibres - 0.5)
+    tint = np.array([0.92, 0.78, 0.62], np.float32) * 255
+    return np.clip(base[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+def _highres_defect(rng: np.random.Generator, img: np.ndarray, kind: str,
+                    defect_px: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A defect `defect_px` pixels across at full resolution: a stray fibre (a short thin line), a knot
+    (a disc of finer, turned weave with the cloth's own mean colour: nothing left of it once resized) or a
+    speck (a faint spot). Drawn in a small window around it: the image may be megapixels."""
+    size = img.shape[0]
+    d = float(rng.uniform(*defect_px))
+    r = int(defect_px[1] / 2) + 4  # the window's half side holds the largest defect and its soft edge
+    cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+    win = img[cy - r:cy + r, cx - r:cx + r].astype(np.float32)
+    c = float(r)
+    mask = Image.new("L", (2 * r, 2 * r), 0)
+    draw = ImageDraw.Draw(mask)
+    if kind == "fiber":
+        ang = rng.uniform(0, np.pi)
+        ex, ey = np.cos(ang) * d / 2, np.sin(ang) * d / 2
+        draw.line([(c - ex, c - ey), (c + ex, c + ey)], fill=255, width=int(rng.integers(2, 4)))
+        colour, alpha = (np.array([25.0, 20, 15]) if rng.random() < 0.5 else np.array([245.0, 240, 230])), 0.9
+    elif kind == "speck":
+        draw.ellipse([c - d / 2, c - d / 2, c + d / 2, c + d / 2], fill=255)
+        colour, alpha = np.array([95.0, 45, 25]) * rng.uniform(0.8, 1.0), 0.75
+    else:
+        draw.ellipse([c - d / 2, c - d / 2, c + d / 2, c + d / 2], fill=255)
+        y, x = np.mgrid[0:2 * r, 0:2 * r].astype(np.float32)
+        theta, period = rng.uniform(0, np.pi), rng.uniform(3.0, 4.0)
+        wave = np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period)
+        colour, alpha = win.reshape(-1, 3).mean(0) * (1 + 0.35 * wave[..., None]), 1.0  # same mean, other weave
+    soft = np.asarray(mask.filter(ImageFilter.GaussianBlur(0.7)), dtype=np.float32)[..., None] / 255.0
+    out, full = img.copy(), np.zeros(img.shape[:2], np.uint8)
+    out[cy - r:cy + r, cx - r:cx + r] = np.clip(win * (1 - alpha * soft) + colour * alpha * soft, 0, 255)
+    full[cy - r:cy + r, cx - r:cx + r] = (np.asarray(mask) > 127) * 255
+    return out, full
+
+
+def make_highres_dataset(root: str | os.PathLike, size: int = 2048, n_train: int = 20, n_test_good: int = 8,
+                         n_test_defect: int = 4, defect_px: tuple[int, int] = (8, 20), seed: int = 0,
+                         n_val: int = 0) -> str:
+    """A high-resolution inspection set in the MVTec AD layout: `size` x `size` woven cloth (one fine weave,
+    fibre noise, soft mottling) with small fibres, knots and specks `defect_px` pixels across at full size,
+    with their masks, and validation/good when `n_val` > 0. Resized from 2048 px to a model's 256-320 px input
+    such a defect is 1-3 px (a knot, finer weave of the cloth's own colour, is gone): what `Model.tiling` is for."""
+    root = str(root)
+    lo, hi = defect_px
+    if not 1 <= lo <= hi or hi + 8 >= size:
+        raise ValueError(f"defect_px: expected 1 <= min <= max and max + 8 < size {size}, got {defect_px}")
+    rng = np.random.default_rng(seed)
+    subs = ["train/good", "test/good"] + [f"{top}/{d}" for top in ("test", "ground_truth") for d in HIGHRES_DEFECTS]
+    for sub in subs + (["validation/good"] if n_val else []):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for sub, n in (("train/good", n_train), ("test/good", n_test_good), ("validation/good", n_val)):
+        for i in range(n):
+            Image.fromarray(_highres_fabric(rng, size)).save(os.path.join(root, sub, f"{i:03d}.png"), **_FAST_PNG)
+    for d in HIGHRES_DEFECTS:
+        for i in range(n_test_defect):
+            img, mask = _highres_defect(rng, _highres_fabric(rng, size), d, (lo, hi))
+            Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"), **_FAST_PNG)
+            Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
+    return root
