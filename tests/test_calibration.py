@@ -114,7 +114,7 @@ def test_out_of_fold_scores_equal_a_manual_k_fold(name, demo_dir):
     samples = load_index(demo_dir, 0.0).train[:8]
     model = build_model(name, cfg)
     _, feats = fit_distributed(model, samples, 2, torch.device("cpu"), keep_features=True)
-    oof, oof_max = model.out_of_fold_scores(feats, image_loader(samples, model), folds=4)
+    oof, oof_max, oof_maps = model.out_of_fold_scores(feats, image_loader(samples, model), folds=4)
     folds = [[0, 1], [2, 3], [4, 5], [6, 7]]  # PatchCore: its coreset groups; PaDiM: 4 contiguous folds
     for held in folds:
         ref = build_model(name, cfg)
@@ -123,10 +123,14 @@ def test_out_of_fold_scores_equal_a_manual_k_fold(name, demo_dir):
             amap, score = ref(image_loader(samples, ref)(held))
         np.testing.assert_allclose(oof[held], score.numpy(), rtol=1e-4)
         np.testing.assert_allclose(oof_max[held], amap.flatten(1).amax(1).numpy(), rtol=1e-4)
+        # the held-out maps for the map check (64 px input: the 64 x 64 grid is the map itself)
+        np.testing.assert_allclose(oof_maps[held], amap[:, 0].numpy(), rtol=1e-4, atol=1e-5)
     # scoring a subset gives the same scores for those images, in the subset's order
-    sub, sub_max = model.out_of_fold_scores(feats, image_loader(samples, model), folds=4, scored=np.array([1, 6]))
+    sub, sub_max, sub_maps = model.out_of_fold_scores(feats, image_loader(samples, model), folds=4,
+                                                      scored=np.array([1, 6]))
     np.testing.assert_allclose(sub, oof[[1, 6]], rtol=1e-5)
     np.testing.assert_allclose(sub_max, oof_max[[1, 6]], rtol=1e-5)
+    np.testing.assert_allclose(sub_maps, oof_maps[[1, 6]], rtol=1e-5)
     # and they are not the in-sample scores the final model gives its own training images
     with torch.no_grad():
         _, own = model(image_loader(samples, model)(list(range(8))))

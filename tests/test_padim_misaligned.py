@@ -2,15 +2,20 @@
 
 The data: make_part_dataset, a dark perforated part on a dark noisy background, shifted by up to 4 % and
 turned by up to 3 degrees, with small cuts / scratches / rust spots; 40 training images at 128 px, fewer than
-PaDiM's 100 feature dims. The models are fitted directly (features -> fit -> score_images), without the
-training engine's calibration, which these checks do not need.
+PaDiM's 100 feature dims. Most models here are fitted directly (features -> fit -> score_images), without the
+training engine's calibration; the `test_training_*` tests run the real training (CLI) and read the check
+from train_result.json and train.log.
 """
+
+import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from uadkit import create_model, metrics
+from uadkit.cli import main
 from uadkit.data.demo import make_part_dataset
 from uadkit.data.formats import DatasetIndex, load_index
 from uadkit.data.image_io import load_image, load_mask, prepare_image
@@ -85,9 +90,73 @@ def test_map_check_warns_on_misaligned_parts_with_padim(which, request):
     assert "PatchCore" in rep["warnings"][0] and "aligned" in rep["warnings"][0]
 
 
-def test_map_check_silent_on_aligned_parts_with_padim_oas(tmp_path):
-    rep = good_map_report(_val_maps(*_fit(_data(tmp_path, 0.0, 0.0), covariance="oas")), position_tied=True)
-    assert rep["warnings"] == [] and rep["shared_variance"] < SHARED_POSITION_TIED / 2, rep
+def _train(dataset: str, out, model: str, *opts: str) -> tuple[dict, str]:
+    """A real training run (CLI) at 128 px; returns train_result.json's map_check and train.log."""
+    assert main(["-c", f"configs/{model}.yaml", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={dataset}",
+                 "-o", f"Global.output={out}", "-o", "Model.input_size=[128,128]", "-o", "Train.export=false",
+                 "-o", "Train.calibration.synthetic_images=0", *[x for o in opts for x in ("-o", o)]]) == 0
+    result = json.load(open(os.path.join(out, "train_result.json")))
+    return result["map_check"], open(os.path.join(out, "train.log")).read()
+
+
+def _warning_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " WARNING map check warns: " in line]
+
+
+# Model.covariance=oas: with the default fixed floor and 52 images (< 100 dims) the floor's own bias is a shared
+# pattern on aligned parts too (measured here, out of fold: shared_variance 0.49 aligned, 0.36 misaligned), and
+# the warning says so; with OAS the model fits aligned parts (-0.01) and not misaligned ones (0.19).
+@pytest.mark.parametrize("out_of_fold", [True, False])
+def test_training_warns_on_misaligned_parts_with_padim(misaligned, tmp_path, out_of_fold):
+    """One-pass training checks the out-of-fold maps of every fitted good image (52), or without out-of-fold
+    calibration the validation split's maps (12); either way train_result.json and train.log carry the warning."""
+    rep, log = _train(misaligned, tmp_path, "PaDiM", "Model.covariance=oas",
+                      f"Train.calibration.out_of_fold={str(out_of_fold).lower()}")
+    assert rep["source"] == ("out-of-fold maps of the fitted good images" if out_of_fold else "the validation split")
+    assert rep["images"] == (52 if out_of_fold else 12)
+    assert rep["shared_variance"] >= SHARED_POSITION_TIED and len(rep["warnings"]) == 1, rep
+    assert "PaDiM" in rep["warnings"][0] and "PatchCore" in rep["warnings"][0]
+    lines = _warning_lines(log)
+    assert len(lines) == 1 and "PaDiM" in lines[0] and "not aligned" in lines[0] and "PatchCore" in lines[0]
+    assert "map check (PaDiM" in log and "shared_variance" in log  # the figures are logged too
+
+
+def test_training_silent_on_aligned_parts_with_padim(tmp_path):
+    rep, log = _train(_data(tmp_path / "data", 0.0, 0.0), tmp_path / "out", "PaDiM", "Model.covariance=oas")
+    assert rep["images"] == 52 and rep["warnings"] == [] and rep["shared_variance"] < SHARED_POSITION_TIED / 2, rep
+    assert _warning_lines(log) == [] and "map check (PaDiM" in log
+
+
+def test_training_silent_on_misaligned_parts_with_patchcore(misaligned, tmp_path):
+    """PatchCore compares patches wherever they are: the same data, no warning (a shared pattern is normal
+    for a position-free model and is reported, not warned about)."""
+    rep, log = _train(misaligned, tmp_path, "PatchCore")
+    assert rep["images"] == 52 and rep["shared_variance"] is not None and rep["warnings"] == [], rep
+    assert _warning_lines(log) == []
+
+
+def test_training_checks_validation_maps_of_gradient_models(tmp_path):
+    """Gradient-trained models are checked on the validation split's maps (one epoch at 64 px: the wiring)."""
+    from uadkit.data.demo import make_demo_dataset
+
+    demo = make_demo_dataset(tmp_path / "d", n_train=6, n_test_good=1, n_test_defect=1, size=64, n_val=MIN_IMAGES)
+    rep, _ = _train(demo, tmp_path / "out", "STFPM", "Train.epochs_iters=1", "Model.input_size=[64,64]")
+    assert rep["source"] == "the validation split" and rep["images"] == MIN_IMAGES
+    assert rep["border_excess"] is not None and isinstance(rep["warnings"], list)
+
+
+def test_training_without_held_out_maps_says_so(tmp_path):
+    """No validation images: a gradient model's maps of its own training images would be in-sample, so there
+    is no check, and train_result.json says why; under MIN_IMAGES maps there are figures but no warnings."""
+    from uadkit.data.demo import make_demo_dataset
+
+    demo = make_demo_dataset(tmp_path / "d", n_train=6, n_test_good=1, n_test_defect=1, size=64)
+    rep, _ = _train(demo, tmp_path / "stfpm", "STFPM", "Train.epochs_iters=1", "Model.input_size=[64,64]",
+                    "Train.val_split=0")
+    assert rep["images"] == 0 and rep["source"] is None and "no validation images" in rep["note"]
+    rep, _ = _train(demo, tmp_path / "padim", "PaDiM", "Model.input_size=[64,64]", "Train.val_split=0")
+    assert rep["images"] == 6 and rep["shared_variance"] is not None and rep["warnings"] == []
+    assert "no warnings" in rep["note"]
 
 
 def test_map_check_silent_on_fabric_demo_with_default_padim(tmp_path):

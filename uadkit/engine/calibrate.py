@@ -24,13 +24,15 @@ from ..errors import UadkitError
 from ..inference.predictor import score_images
 from ..models import AnomalyModel
 from .calibration import CALIBRATION_KEYS, apply_calibration, calibrate, recall_report
+from .map_check import pool
 
 log = logging.getLogger("uadkit")
 
 
 def collect_scores(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
-                   desc: str, keep_maps: bool = True):
-    """Raw scores, labels, map maxima and (optionally) raw maps + masks for a list of samples."""
+                   desc: str, keep_maps: bool | str = True):
+    """Raw scores, labels, map maxima and (optionally) raw maps + masks for a list of samples.
+    `keep_maps="grid"`: each raw map averaged down to map_check.GRID x GRID instead (small; no masks)."""
     scores, labels, maxima, maps, masks = [], [], [], [], []
     model.eval()
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
@@ -41,7 +43,9 @@ def collect_scores(model: AnomalyModel, samples: list[Sample], device: torch.dev
             scores.append(sc.raw_score)
             labels.append(s.label)
             maxima.append(float(sc.raw_map.max()))
-            if keep_maps:
+            if keep_maps == "grid":
+                maps.append(pool(torch.from_numpy(sc.raw_map)[None])[0])
+            elif keep_maps:
                 maps.append(sc.raw_map)
                 masks.append(load_mask(s.mask, im.shape[:2]) if s.mask else
                              (np.zeros(im.shape[:2], bool) if s.label == 0 else None))
@@ -100,13 +104,16 @@ def calibrate_model(model: AnomalyModel, cfg: dict, device: torch.device, good_s
 
 
 def calibrate_on_samples(model: AnomalyModel, samples: list[Sample], cfg: dict, device: torch.device,
-                         source: str, rate: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """Calibrate from scored samples: good ones set the threshold, labelled defects report recall."""
-    scores, labels, maxima, _, _ = collect_scores(model, samples, device, batch_size or cfg["Evaluate"]["batch_size"],
-                                                  "calibrating", keep_maps=False)
+                         source: str, rate: float | None = None, batch_size: int | None = None
+                         ) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Calibrate from scored samples: good ones set the threshold, labelled defects report recall.
+    Also returns the good samples' raw maps on the map_check grid (for engine/map_check.py)."""
+    bs = batch_size or cfg["Evaluate"]["batch_size"]
+    scores, labels, maxima, maps, _ = collect_scores(model, samples, device, bs, "calibrating", keep_maps="grid")
     good = labels == 0
-    return calibrate_model(model, cfg, device, scores[good], maxima[good], scores[~good] if (~good).any() else None,
-                           source, samples, rate)
+    cal = calibrate_model(model, cfg, device, scores[good], maxima[good], scores[~good] if (~good).any() else None,
+                          source, samples, rate)
+    return cal, [m for m, g in zip(maps, good) if g]
 
 
 def refit_and_save(cfg: dict, model: AnomalyModel, meta: dict[str, Any], model_dir: str, out_dir: str,

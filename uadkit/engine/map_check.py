@@ -1,6 +1,6 @@
 """Are the anomaly maps of good images dominated by fixed places? A check for every model.
 
-Given the raw maps of good validation images, it measures how much of their spatial variation is the same
+Given the raw maps of held-out good images, it measures how much of their spatial variation is the same
 in every image, and whether the image border or one small region holds it. Each map is first reduced to a
 `GRID` x `GRID` grid and standardised (its own mean 0, spread 1), so the figures do not depend on the
 model's units, the image size or an offset.
@@ -19,11 +19,14 @@ model's units, the image size or an offset.
 
 The maps must be of good images the model was not fitted on (held out): a one-pass model fitted on them
 scores them in-sample, which carries its own pattern (measured on aligned generated parts with PaDiM:
-shared_variance 0.087 in-sample, a false warning, vs 0.020 held out).
+shared_variance 0.087 in-sample, a false warning, vs 0.020 held out). Training runs it on every model
+(`check_good_maps`, engine/trainer.py): one-pass models on their out-of-fold maps, else on the validation
+split; the report goes to train_result.json (`map_check`), each warning to train.log and the console.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +43,15 @@ MIN_IMAGES = 8          # fewer good maps: figures only, no warnings (too noisy 
 SHARED_POSITION_TIED = 0.07
 BORDER_EXCESS = 1.0
 HOT_REGION_EXCESS = 2.0
+
+log = logging.getLogger("uadkit")
+
+
+def pool(amap: torch.Tensor) -> np.ndarray:
+    """(B, 1, H, W) or (B, H, W) maps -> (B, GRID, GRID) float32 on the CPU: what the check keeps per image,
+    so held-out maps of hundreds of images stay small (16 KB each)."""
+    x = amap if amap.dim() == 4 else amap[:, None]
+    return F.adaptive_avg_pool2d(x.float(), GRID)[:, 0].cpu().numpy()
 
 
 def _grid(maps: Sequence[np.ndarray]) -> np.ndarray:
@@ -101,11 +113,13 @@ def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
     report.update(shared_variance=round(shared, 4), border_excess=round(border, 3),
                   hot_region_excess=round(hot_excess, 3), hot_region=region)
     if n < MIN_IMAGES:
+        report["note"] = (f"only {n} held-out good maps: figures only, no warnings (at least {MIN_IMAGES} are "
+                          "needed to tell a pattern from noise)")
         return report
     warnings = report["warnings"]
     if position_tied and shared >= SHARED_POSITION_TIED:
         warnings.append(
-            f"{model_name}: the anomaly maps of the {n} good validation images share a fixed pattern "
+            f"{model_name}: the anomaly maps of {n} held-out good images share a fixed pattern "
             f"({shared:.0%} of their variation; a per-position model should leave none): its per-position "
             "statistics do not fit these images. Typically the parts are not aligned from image to image "
             "(shifted or turned): use PatchCore (-c configs/PatchCore.yaml), which compares patches wherever "
@@ -124,4 +138,25 @@ def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
             f"y {y0:.2f}-{y1:.2f} of the image; {hot_excess:.1f} spreads above the rest over {n} images), "
             "so it sets the thresholds: if it is not part of what is inspected, mask it out (Model.roi)"
             f"{alternative}.")
+    return report
+
+
+def check_good_maps(maps: Sequence[np.ndarray] | None, model: Any, source: str) -> dict[str, Any]:
+    """The report on a trained model's held-out good maps, for train_result.json; logs its figures, and each
+    warning as a WARNING line (train.log and the console). `source` says where the maps come from;
+    `maps=None` means there are none held out (the report says why nothing was checked)."""
+    name = getattr(model, "name", "the model")
+    if maps is None:
+        log.info("map check (%s): skipped, %s", name, source)
+        return {"source": None, "images": 0, "warnings": [], "note": f"not checked: {source}"}
+    report = {"source": source, **good_map_report(maps, bool(getattr(model, "position_tied", False)), name)}
+    if report["shared_variance"] is None:
+        report["note"] = f"only {report['images']} held-out good maps: nothing to compare"
+    else:
+        log.info("map check (%s, %d good maps from %s): shared_variance %.3f, border_excess %.2f, "
+                 "hot_region_excess %.2f%s", name, report["images"], source, report["shared_variance"],
+                 report["border_excess"], report["hot_region_excess"],
+                 f"; {report['note']}" if report.get("note") else "")
+    for w in report["warnings"]:
+        log.warning("map check warns: %s", w)
     return report

@@ -30,6 +30,7 @@ from .checkpoint import load_train_state, save_model_dir
 from .device import main_device
 from .distributed import SINGLE, DistContext
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
+from .map_check import GRID, check_good_maps
 from .records import seed_everything, setup_logging, write_run_records
 
 __all__ = ["seed_everything", "setup_logging", "train", "train_gradient"]  # records re-exported for callers
@@ -267,17 +268,27 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         # spread evenly over the fitted images
         n_fit, cap = len(fit_samples), c["out_of_fold_images"]
         scored = np.unique(np.linspace(0, n_fit - 1, min(n_fit, cap)).round().astype(int))
-        good_s, good_m = model.out_of_fold_scores(feats, image_loader(fit_samples, model), scored=scored)
+        good_s, good_m, good_maps = model.out_of_fold_scores(feats, image_loader(fit_samples, model),
+                                                             scored=scored, grid=GRID)
         del feats
         bad = [s for s in index.val if s.label]
         bad_s = collect_scores(model, bad, device, cfg["Evaluate"]["batch_size"], "calibrating")[0] if bad else None
         cal = calibrate_model(model, cfg, device, good_s, good_m, bad_s, "out_of_fold",
                               [fit_samples[i] for i in scored])
+        map_check = check_good_maps(list(good_maps), model, "out-of-fold maps of the fitted good images")
     else:
         cal_samples = index.val or index.train
         if not index.val:
             log.warning("no validation images: calibrating on the training images (thresholds will be optimistic)")
-        cal = calibrate_on_samples(model, cal_samples, cfg, device, "validation" if index.val else "training")
+        cal, val_maps = calibrate_on_samples(model, cal_samples, cfg, device, "validation" if index.val else "training")
+        # The check needs maps of good images the model did not learn from, and whole maps (Model.roi zeroes
+        # the outside, a pattern every image shares)
+        if not index.val:
+            map_check = check_good_maps(None, model, "no validation images (training images score in-sample)")
+        elif model.cfg.get("roi") is not None:
+            map_check = check_good_maps(None, model, "Model.roi is set (maps are zero outside the region)")
+        else:
+            map_check = check_good_maps(val_maps, model, "the validation split")
     cal_s = time.time() - t1
     # weights, model.yaml and the exported artefacts are swapped in together: never a graph of another model
     best_dir = save_model_dir(model, os.path.join(out, "best_model"),
@@ -294,6 +305,7 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         "fit_seconds": round(fit_s, 2),
         "calibration_seconds": round(cal_s, 2),
         "calibration": cal,
+        "map_check": map_check,
         "summary": model.summary(),
         "train": info,
         "models": {"best_model": best_dir, "inference": exported,

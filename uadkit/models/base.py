@@ -178,17 +178,21 @@ class AnomalyModel(nn.Module):
 
     @torch.no_grad()
     def out_of_fold_scores(self, batches: list[torch.Tensor], images: Callable[[list[int]], torch.Tensor],
-                           folds: int = 5, scored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image scores and map maxima of fitted images, each from a model that did not see it.
+                           folds: int = 5, scored: np.ndarray | None = None, grid: int = 64
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw image scores, map maxima and maps of fitted images, each from a model that did not see it.
 
         `batches` are the feature batches `fit` consumed, in order; `images(ids)` gives prepared images;
-        `scored` picks which images to score (default all; the result follows its order). This default
-        refits a copy on k-1 contiguous folds and scores the held-out fold; a model whose fit decomposes
-        (PatchCore's per-group coresets) overrides it with an equal, cheaper rule."""
+        `scored` picks which images to score (default all; the results follow its order). The maps (the
+        smoothed raw maps, as `forward` gives them) come back averaged down to (len(scored), grid, grid), so
+        they stay small: the held-out good maps engine/map_check.py inspects. This default refits a copy on
+        k-1 contiguous folds and scores the held-out fold; a model whose fit decomposes (PatchCore's
+        per-group coresets) overrides it with an equal, cheaper rule."""
         per_image = [f for b in batches for f in b.split(1)]
         n, bs = len(per_image), max(len(batches[0]), 1)
         scored = np.arange(n) if scored is None else np.asarray(scored)
         scores, maxima = np.full(n, np.nan), np.full(n, np.nan)
+        maps: dict[int, np.ndarray] = {}  # only the scored images' maps are kept
         for fold in np.array_split(np.arange(n), min(folds, n)):
             todo = np.intersect1d(fold, scored)
             if not len(todo):
@@ -202,7 +206,8 @@ class AnomalyModel(nn.Module):
                 ids = todo[j:j + bs].tolist()
                 amap, score = clone(images(ids).to(self.device))
                 scores[ids], maxima[ids] = score.cpu().numpy(), amap.flatten(1).amax(1).cpu().numpy()
-        return scores[scored], maxima[scored]
+                maps.update(zip(ids, F.adaptive_avg_pool2d(amap.float(), grid)[:, 0].cpu().numpy()))
+        return scores[scored], maxima[scored], np.stack([maps[i] for i in scored.tolist()])
 
     @property
     def device(self) -> torch.device:

@@ -166,9 +166,10 @@ class PatchCore(AnomalyModel):
         groups, rows = self.fit_image_group, self.fit_row_group
         # with fewer groups than folds, leaving one out would drop too much of the bank: refit k-fold instead
         if groups is None or len(groups) != len(emb) or len(torch.unique(groups)) < folds:
-            return super().out_of_fold_scores(batches, images, folds, scored)
+            return super().out_of_fold_scores(batches, images, folds, scored, grid)
         scored = np.arange(len(emb)) if scored is None else np.asarray(scored)
         scores, maxima = np.full(len(emb), np.nan), np.full(len(emb), np.nan)
+        maps: dict[int, np.ndarray] = {}  # only the scored images' maps, pooled (see the base method)
         chunk = max(len(batches[0]), 1)
         picked = torch.zeros(len(emb), dtype=torch.bool)
         picked[torch.from_numpy(scored)] = True
@@ -182,7 +183,8 @@ class PatchCore(AnomalyModel):
                 amap = gaussian_blur(amap, self.smoothing_sigma)
                 scores[part.numpy()] = score.cpu().numpy()
                 maxima[part.numpy()] = amap.flatten(1).amax(1).cpu().numpy()
-        return scores[scored], maxima[scored]
+                maps.update(zip(part.tolist(), F.adaptive_avg_pool2d(amap.float(), grid)[:, 0].cpu().numpy()))
+        return scores[scored], maxima[scored], np.stack([maps[i] for i in scored.tolist()])
 
     @torch.no_grad()
     def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
