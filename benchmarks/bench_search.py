@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("--images", required=True)
     ap.add_argument("--n", type=int, default=4, help="images whose patches are the queries")
+    ap.add_argument("--dataset", default=None,
+                    help="an MVTec-layout folder: also evaluate the model with each shipped search on the same bank")
     args = ap.parse_args()
     import faiss
 
@@ -78,6 +80,29 @@ def main() -> None:
         for probe in (4, 8, 16):
             iv.nprobe = probe
             report(f"IVF lists={nlist} probe={probe}", iv, build)
+    if args.dataset:
+        accuracy(model, args.dataset)
+
+
+def accuracy(model, dataset: str) -> None:
+    """Image/pixel AUROC and AUPRO of the same bank under each shipped search (thresholds play no part)."""
+    import tempfile
+
+    from uadkit.config import load_config
+    from uadkit.engine.evaluate import evaluate
+    from uadkit.models.search import BankSearch
+
+    print("\nsearch          image AUROC  pixel AUROC  AUPRO   evaluate s")
+    for kind, ef in (("exact", 32), ("hnsw", 16), ("hnsw", 32), ("hnsw", 64)):
+        model.search = BankSearch(kind, ef)
+        cfg = load_config(None, [f"Global.dataset_dir={dataset}", f"Global.output={tempfile.mkdtemp()}",
+                                 "Evaluate.num_examples=0"], model_name=model.name)
+        cfg["Model"].update(model.cfg)
+        t = time.perf_counter()
+        ev = evaluate(model, cfg)
+        name = kind if kind == "exact" else f"hnsw ef={ef}"
+        print(f"{name:15s} {ev['image']['auroc']:.4f}       {ev['pixel']['auroc']:.4f}       "
+              f"{ev['pixel']['aupro']:.4f}  {time.perf_counter() - t:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,44 @@ def test_search_keys_and_missing_package_errors():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install faiss-cpu" in out.stdout and "Model.search=exact" in out.stdout
+
+
+def test_exact_maximum_makes_each_images_largest_distance_exact(data):
+    from uadkit.models.search import exact_maximum
+
+    bank, query = data
+    emb = query[:2400].reshape(3, 800, -1)
+    exact_d, _ = nearest(emb.reshape(-1, emb.shape[-1]), bank)
+    exact_d = exact_d[:, 0].reshape(3, 800)
+    d, i = BankSearch("hnsw", ef_search=1)(emb.reshape(-1, emb.shape[-1]), bank)  # a poor search: many misses
+    d, i = d[:, 0].reshape(3, 800), i[:, 0].reshape(3, 800)
+    assert bool((d.amax(1) > exact_d.amax(1) + 1e-3).any())  # the approximate maxima are wrong here
+    fixed, fixed_i = exact_maximum(emb, d, i, bank)
+    assert torch.allclose(fixed.amax(1), exact_d.amax(1), rtol=1e-5, atol=1e-4)
+    top = fixed.argmax(1)
+    assert torch.allclose((emb[torch.arange(3), top] - bank[fixed_i[torch.arange(3), top]]).norm(dim=1),
+                          exact_d.amax(1), rtol=1e-4, atol=1e-3)
+    assert bool((fixed <= d * (1 + 1e-4) + 1e-3).all())  # only ever lowered (to the exact value, up to rounding)
+
+
+def test_patchcore_image_scores_equal_under_hnsw_and_exact_search(tmp_path):
+    """The image score of PatchCore with the default HNSW search equals the exact search's on the same bank."""
+    import numpy as np
+
+    from uadkit import create_model
+    from uadkit.data.demo import make_demo_dataset
+    from uadkit.data.image_io import list_images, load_image, prepare_image
+
+    make_demo_dataset(tmp_path / "d", n_train=16, n_test_good=4)
+    det = create_model("PatchCore", input_size=[64, 64])
+    det.train(dataset_dir=str(tmp_path / "d"), output=str(tmp_path / "o"), **{"Train.export": False})
+    model = det.model
+    assert model.search.kind == "hnsw"
+    paths = list_images(str(tmp_path / "d" / "test"))
+    x = torch.from_numpy(np.stack([prepare_image(load_image(p), (64, 64)) for p in paths]))
+    with torch.no_grad():
+        amap_h, score_h = model(x)
+        model.search = BankSearch("exact")
+        amap_e, score_e = model(x)
+    assert torch.allclose(score_h, score_e, rtol=1e-5, atol=1e-4)
+    assert float((amap_h - amap_e).abs().max()) <= 0.05 * float(amap_e.max())  # maps: a few near misses only

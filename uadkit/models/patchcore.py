@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..backbones import backbone_info
 from ..errors import UadkitError
 from .base import AnomalyModel, gaussian_blur
-from .search import BankSearch, nearest
+from .search import BankSearch, exact_maximum, nearest
 
 
 def patch_embed(features: list[torch.Tensor]) -> torch.Tensor:
@@ -112,12 +112,14 @@ class PatchCore(AnomalyModel):
         stride = self.backbone.strides[0]
         h, w = (math.ceil(s / stride) for s in self.input_size)  # "same" padding rounds up
         d, idx = self.search(emb.reshape(b * h * w, -1), bank, 1)
-        patch = d[:, 0].reshape(b, h * w)
+        patch, nn_all = d[:, 0].reshape(b, h * w), idx[:, 0].reshape(b, h * w)
+        if self.search.approximate:  # the image score rests on the largest distance: make it the exact one
+            patch, nn_all = exact_maximum(emb, patch, nn_all, bank)
         # Image score with PatchCore's reweighting: the most anomalous patch counts for more when its
         # nearest bank entry is itself far from the rest of the bank (a rare, not a dense, region).
         top = patch.argmax(1)
         feat = emb[torch.arange(b), top]
-        nn_idx = idx[:, 0].reshape(b, h * w)[torch.arange(b), top]
+        nn_idx = nn_all[torch.arange(b), top]
         k = min(self.cfg["num_neighbors"], len(bank))
         _, support = nearest(bank[nn_idx], bank, k)
         dist_support = torch.cdist(feat[:, None], bank[support])[:, 0]
