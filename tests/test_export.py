@@ -11,7 +11,6 @@ from uadkit import create_model
 from uadkit.cli import main
 from uadkit.engine.checkpoint import load_model_dir
 from uadkit.engine.export import OnnxModel
-from uadkit.errors import UadkitError
 
 # Stated tolerance: normalised scores and maps agree to 1e-4; raw values to 1e-4 relative.
 TOL = 1e-4
@@ -69,17 +68,12 @@ def test_cli_export_mode_rewrites_inference_folder(trained, tmp_path):
 
 
 @pytest.mark.parametrize("run_mode", sorted(__import__("uadkit.runtimes", fromlist=["RUNTIMES"]).RUNTIMES))
-def test_every_runtime_equals_torch_and_is_listed(exported, run_mode, demo_dir):
+def test_every_runtime_equals_torch_and_is_listed(exported, run_mode):
     """Each registered runtime's artefact sits in inference/, is listed in inference.yml, and scores as torch."""
     from uadkit.runtimes import RUNTIMES, load_runtime
 
     spec = RUNTIMES[run_mode]
     info = yaml.safe_load(open(os.path.join(exported.model_dir, "inference", "inference.yml")))
-    if not spec.exact and not exported.model.quantisable:  # not built for it: absent, and a clear error
-        assert run_mode not in info["artefacts"]
-        with pytest.raises(UadkitError, match=f"no {spec.artefact} in inference/"):
-            load_runtime(run_mode, exported.model_dir, exported.model)
-        return
     if spec.artefact:
         assert info["artefacts"][run_mode] == spec.artefact
         assert os.path.isfile(os.path.join(exported.model_dir, "inference", spec.artefact))
@@ -92,30 +86,20 @@ def test_every_runtime_equals_torch_and_is_listed(exported, run_mode, demo_dir):
             ref = model.scores(x)
         for r, g in zip(ref, rt.scores(x)):
             assert r.shape == g.shape
-            if spec.exact:
-                assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
-    if not spec.exact:  # int8, on real images (noise lies outside its calibrated ranges): the maps keep their shape
-        from uadkit.data.image_io import list_images, load_image, prepare_image
-
-        paths = list_images(os.path.join(demo_dir, "test"))[:8]
-        x = torch.from_numpy(np.stack([prepare_image(load_image(p), (64, 64)) for p in paths]))
-        with torch.no_grad():
-            raw, got = model.scores(x)[0].flatten(), rt.scores(x)[0].flatten()
-        assert float(torch.corrcoef(torch.stack([raw, got]))[0, 1]) >= 0.8  # measured 0.89 (PatchCore)
+            assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
 
 
 def test_evaluate_runs_any_runtime_with_equal_metrics(exported, demo_dir, tmp_path):
     from uadkit.runtimes import RUNTIMES
 
-    if exported.name != "PatchCore":  # one model suffices: every runtime is compared score by score above
+    if exported.name != "PaDiM":  # one model suffices here: every model's runtimes are compared score by score above
         return
     res = {m: exported.evaluate(demo_dir, **{"Evaluate.run_mode": m, "Global.output": str(tmp_path / m)})
-           for m in RUNTIMES if RUNTIMES[m].exact or exported.model.quantisable}
+           for m in RUNTIMES}
     for m, r in res.items():
         assert r["run_mode"] == m
-        bar = 1e-3 if RUNTIMES[m].exact else 0.02  # int8: its own bar (README: measured on mvtec_screw)
-        assert r["image"]["auroc"] == pytest.approx(res["torch"]["image"]["auroc"], abs=bar)
-        assert r["pixel"]["auroc"] == pytest.approx(res["torch"]["pixel"]["auroc"], abs=bar)
+        assert r["image"]["auroc"] == pytest.approx(res["torch"]["image"]["auroc"], abs=1e-3)
+        assert r["pixel"]["auroc"] == pytest.approx(res["torch"]["pixel"]["auroc"], abs=1e-3)
 
 
 def test_unknown_run_mode_is_a_one_line_config_error(exported):

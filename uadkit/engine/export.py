@@ -43,29 +43,6 @@ class _Scoring(nn.Module):
         return self.model.graph(images)
 
 
-def _training_images(model: AnomalyModel, model_dir: str, limit: int = 32):
-    """A loader of up to `limit` prepared good training images of the data set recorded in model.yaml
-    (`trained_on`), for artefacts that calibrate (int8); it gives [] when that folder is not here."""
-
-    def load() -> list:
-        import numpy as np
-
-        from ..data.formats import load_index
-        from ..data.image_io import load_image, prepare_image
-        from .checkpoint import read_metadata
-
-        try:
-            root = read_metadata(model_dir).get("trained_on")
-            samples = load_index(root).train if root and os.path.isdir(root) else []
-        except UadkitError:
-            return []
-        step = max(1, len(samples) // limit)  # spread over the split, not its first files
-        return [prepare_image(load_image(s.path), model.input_size).astype(np.float32)
-                for s in samples[::step][:limit]]
-
-    return load
-
-
 def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
     """Write model_dir/inference/ atomically; returns its path."""
     if not bool(model.is_calibrated):
@@ -102,15 +79,11 @@ def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
         from ..runtimes import RUNTIMES
 
         artefacts = {}
-        calibration = _training_images(model, model_dir)
         for spec in RUNTIMES.values():
             if spec.artefact == "model.onnx":
                 artefacts[spec.name] = spec.artefact
-            elif spec.build is not None and not spec.exact and not model.quantisable:
-                log.info("skipped the %s artefact: %s maps do not survive it (see the model class)", spec.name,
-                         model.name)
             elif spec.build is not None:
-                built = spec.build(os.path.join(tmp, "model.onnx"), tmp, calibration)
+                built = spec.build(os.path.join(tmp, "model.onnx"), tmp)
                 if built:
                     artefacts[spec.name] = built
         info["artefacts"] = artefacts

@@ -48,8 +48,6 @@ class AnomalyModel(nn.Module):
     trainable: ClassVar[bool] = False  # True: gradient training loop; False: one `fit` pass over features
     # the runtime `Predict.run_mode: auto` picks: the fastest one measured at equal results (bench_runtime.py)
     preferred_runtime: ClassVar[str] = "onnxruntime"
-    # approximate runtimes (int8) are built for it: False where measurement showed its maps do not survive them
-    quantisable: ClassVar[bool] = True
     position_tied: ClassVar[bool] = False  # statistics per map position: cannot share one model over tiles
 
     def __init__(self, model_cfg: dict[str, Any]) -> None:

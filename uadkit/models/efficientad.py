@@ -71,7 +71,6 @@ class AutoEncoder(nn.Module):
 class EfficientAD(AnomalyModel):
     name = "EfficientAD"
     trainable = True
-    quantisable = False  # student/teacher and autoencoder differences, like STFPM's: not int8 material
     model_defaults = {"student_width": 64, "hard_quantile": 0.999, "penalty": True}
     # Adam as in the paper, with far fewer steps than its 70,000 (CPU budget): a larger rate, cosine decay
     train_defaults = {"epochs_iters": 20, "batch_size": 8, "learning_rate": 0.002, "weight_decay": 1e-5,

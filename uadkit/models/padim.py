@@ -48,7 +48,6 @@ def oas_shrink(cov: torch.Tensor, n: int) -> torch.Tensor:
 class PaDiM(AnomalyModel):
     name = "PaDiM"
     trainable = False
-    quantisable = False  # int8 convolutions: its Mahalanobis maps came out constant on the demo data
     position_tied = True  # a Gaussian per feature-map position: tiles at different places would share one
     # Model.covariance: see the module docstring (measured on generated dark parts and on mvtec_screw).
     model_defaults = {"feature_dim": 100, "covariance": "fixed", "covariance_eps": 0.01}

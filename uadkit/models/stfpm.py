@@ -26,9 +26,6 @@ class STFPM(AnomalyModel):
     trainable = True
     # OpenVINO 115 vs ONNX Runtime 23 img/s at batch 1 on 2 busy cores (screw, 256 px), scores equal to 2e-6
     preferred_runtime = "openvino"
-    # its map is the small difference of two networks' features: int8 rounding of both swamps it (maps
-    # uncorrelated with fp32's on the demo data)
-    quantisable = False
     model_defaults = {"anomaly_map_mode": "product"}
     train_defaults = {"epochs_iters": 30, "batch_size": 8, "learning_rate": 0.4, "momentum": 0.9,
                       "weight_decay": 1e-4, "lr_scheduler": "cosine", "cache_teacher": True}

@@ -12,11 +12,10 @@ from __future__ import annotations
 from ..errors import UadkitError
 from .base import Runtime, RuntimeSpec
 from .onnx import ONNXRUNTIME
-from .onnx_int8 import ONNXRUNTIME_INT8
 from .openvino import OPENVINO
 from .torch import TORCH
 
-RUNTIMES: dict[str, RuntimeSpec] = {spec.name: spec for spec in (TORCH, ONNXRUNTIME, OPENVINO, ONNXRUNTIME_INT8)}
+RUNTIMES: dict[str, RuntimeSpec] = {spec.name: spec for spec in (TORCH, ONNXRUNTIME, OPENVINO)}
 
 
 def runtime_spec(run_mode: str) -> RuntimeSpec:

@@ -31,17 +31,14 @@ class Runtime(Protocol):
 class RuntimeSpec:
     """A run mode: how to load it, and (exported runtimes) which artefact it needs and how to build it.
 
-    `build(onnx_path, folder, calibration)` writes the artefact from the fp32 ONNX graph into the inference
-    folder being written; `calibration()` gives prepared good training images (float32 (3, H, W), [] when
-    there are none here) for artefacts that need them. It returns the artefact's path relative to that folder,
-    or None with a logged reason."""
+    `build(onnx_path, folder)` writes the artefact from the fp32 ONNX graph into the inference folder being
+    written; it returns the artefact's path relative to that folder, or None with a logged reason."""
 
     name: str
     load: Callable[[str | None, Any, str], Runtime]
     artefact: str | None = None
-    build: Callable[[str, str, Callable[[], list]], str | None] | None = None
+    build: Callable[[str, str], str | None] | None = None
     package: str | None = None  # the pip package it needs, named in the error when missing
-    exact: bool = True  # scores equal torch's (within 1e-4); False: an approximation judged by its own accuracy
 
 
 def inference_info(model_dir: str) -> dict[str, Any]:

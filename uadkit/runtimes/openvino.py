@@ -36,7 +36,7 @@ class OpenVinoModel(ExportedRuntime):
         return tuple(torch.from_numpy(res[out].copy()) for out in self.compiled.outputs)
 
 
-def build(onnx_path: str, folder: str, calibration: Any = None) -> str | None:
+def build(onnx_path: str, folder: str) -> str | None:
     try:
         ov = _openvino()
     except UadkitError as e:
