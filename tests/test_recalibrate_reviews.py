@@ -147,6 +147,11 @@ def test_calibrate_mode_reads_reviews_from_the_database(trained, tmp_path, capsy
     # v2 has the same weights: the reviews of v1 still count, and the next version is v3
     assert main([*args, "-o", f"Calibrate.model_dir={model_dir}.v2"]) == 0
     assert json.load(open(tmp_path / "out" / "calibrate_result.json"))["model_dir"] == model_dir + ".v3"
+    # the offline mode moves X.latest as the service does, and from the link the next version is v4
+    assert os.path.realpath(model_dir + ".latest") == os.path.realpath(model_dir + ".v3")
+    assert main([*args, "-o", f"Calibrate.model_dir={model_dir}.latest"]) == 0
+    assert json.load(open(tmp_path / "out" / "calibrate_result.json"))["model_dir"] == model_dir + ".v4"
+    assert os.path.realpath(model_dir + ".latest") == os.path.realpath(model_dir + ".v4")
     # too few reviews: one line naming the key
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     assert main([*args, "-o", f"Calibrate.db={empty}"]) != 0

@@ -156,7 +156,8 @@ def refit_and_save(cfg: dict, model: AnomalyModel, meta: dict[str, Any], model_d
 
 def next_version_dir(model_dir: str) -> str:
     """`best_model` -> `best_model.v2` (then .v3, ...), claimed with mkdir so two writers never share one."""
-    base = re.sub(r"\.v\d+$", "", os.path.abspath(model_dir).rstrip(os.sep))
+    # realpath: from `best_model.latest` (a link to best_model.vN) the next one is best_model.vN+1
+    base = re.sub(r"\.v\d+$", "", os.path.realpath(model_dir).rstrip(os.sep))
     parent, stem = os.path.split(base)
     taken = [int(m.group(1)) for n in os.listdir(parent) if (m := re.fullmatch(re.escape(stem) + r"\.v(\d+)", n))]
     n = max(taken, default=1) + 1
@@ -184,6 +185,9 @@ def recalibrate_from_records(cfg: dict, model_dir: str, engine: Any) -> dict[str
     url = engine.url.render_as_string(hide_password=True)
     result = refit_and_save(cfg, model, meta, model_dir, next_version_dir(model_dir), good, bad, None,
                             f"reviews in {url}", url, [], torch.device("cpu"))
+    from ..serving.records import mark_latest
+
+    mark_latest(result["model_dir"])  # as the service's recalibrate does: X.latest follows the newest version
     return {**result, "db": url, "versions_used": versions}
 
 
