@@ -30,7 +30,7 @@ from .checkpoint import load_train_state, save_model_dir
 from .device import main_device
 from .distributed import SINGLE, DistContext
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
-from .map_check import GRID, check_good_maps
+from .map_check import GRID, check_alignment, check_good_maps
 from .records import seed_everything, setup_logging, write_run_records
 
 __all__ = ["seed_everything", "setup_logging", "train", "train_gradient"]  # records re-exported for callers
@@ -263,6 +263,8 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     if not ctx.is_main:
         return None
     t1 = time.time()
+    # position-tied models: are the parts where their statistics expect them? (None for other models)
+    alignment = check_alignment([s.path for s in index.train], model)
     if oof:
         # scoring is the cost (PatchCore: a full search per image), so at most `out_of_fold_images`,
         # spread evenly over the fitted images
@@ -275,7 +277,8 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         bad_s = collect_scores(model, bad, device, cfg["Evaluate"]["batch_size"], "calibrating")[0] if bad else None
         cal = calibrate_model(model, cfg, device, good_s, good_m, bad_s, "out_of_fold",
                               [fit_samples[i] for i in scored])
-        map_check = check_good_maps(list(good_maps), model, "out-of-fold maps of the fitted good images")
+        map_check = check_good_maps(list(good_maps), model, "out-of-fold maps of the fitted good images",
+                                    alignment)
     else:
         cal_samples = index.val or index.train
         if not index.val:
@@ -284,11 +287,13 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         # The check needs maps of good images the model did not learn from, and whole maps (Model.roi zeroes
         # the outside, a pattern every image shares)
         if not index.val:
-            map_check = check_good_maps(None, model, "no validation images (training images score in-sample)")
+            map_check = check_good_maps(None, model, "no validation images (training images score in-sample)",
+                                        alignment)
         elif model.cfg.get("roi") is not None:
-            map_check = check_good_maps(None, model, "Model.roi is set (maps are zero outside the region)")
+            map_check = check_good_maps(None, model, "Model.roi is set (maps are zero outside the region)",
+                                        alignment)
         else:
-            map_check = check_good_maps(val_maps, model, "the validation split")
+            map_check = check_good_maps(val_maps, model, "the validation split", alignment)
     cal_s = time.time() - t1
     # weights, model.yaml and the exported artefacts are swapped in together: never a graph of another model
     best_dir = save_model_dir(model, os.path.join(out, "best_model"),
