@@ -135,3 +135,18 @@ def test_onnxruntime_gpu_needs_its_cuda_provider():
 
         with pytest.raises(UadkitError, match="no CUDA GPU is available here; use Global.device=cpu"):
             main_device("gpu")
+
+
+@pytest.mark.parametrize("run_mode,package", [("openvino", "openvino"), ("onnxruntime", "onnxruntime")])
+def test_runtime_without_its_package_says_what_to_install(run_mode, package, tmp_path):
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules[{package!r}] = None\n"
+            "from uadkit.errors import UadkitError\n"
+            "from uadkit.runtimes import load_runtime\n"
+            f"try:\n    load_runtime({run_mode!r}, {str(tmp_path)!r}, None)\n"
+            "except UadkitError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"run_mode {run_mode} needs the {package} package: pip install {package}" in out.stdout
