@@ -161,6 +161,8 @@ def test_check_dataset_reports_sizes_and_warns_of_defects_too_small_at_input_siz
     assert plain["defects"] == tiles["defects"] > 0 and plain["below_4px"] > 0 and "warning" in plain
     assert tiles["median"] == pytest.approx(plain["median"] * SIZE / 48, rel=1e-3)  # tiles keep them larger
     assert tiles["below_4px"] < plain["below_4px"]
+    tiny = defect_sizes(index, {"input_size": [8, 8], "tiling": {"tile_size": [48, 48], "stride": [48, 48]}})
+    assert "use smaller Model.tiling tiles" in tiny["warning"]  # already tiled: the hint says what is left
     rc = main(["-c", "configs/PatchCore.yaml", "-o", "Global.mode=check_dataset", "-o", f"Global.dataset_dir={hires}",
                "-o", f"Global.output={tmp_path}", "-o", "Model.input_size=[32,32]"])
     out = capsys.readouterr().out

@@ -147,5 +147,6 @@ def defect_sizes(index: DatasetIndex, model_cfg: dict[str, Any]) -> dict[str, An
     if small:
         out["warning"] = (f"{small} of {len(a)} labelled defects are under {MIN_DEFECT_PX} px at the model's input "
                           f"size ({'tiles' if tiling else 'whole image'} resized to {iw}x{ih}): they may vanish; "
-                          "use Model.tiling (tiles at full resolution) or a larger Model.input_size")
+                          + ("use smaller Model.tiling tiles or a larger Model.input_size" if tiling else
+                             "use Model.tiling (tiles at full resolution) or a larger Model.input_size"))
     return out
