@@ -5,16 +5,12 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import yaml
+from live_server import live_server
 from PIL import Image
 
 from uadkit import create_model, create_pipeline
@@ -39,35 +35,12 @@ def test_pipeline_gives_same_results_as_model(trained, demo_dir, tmp_path):
         create_pipeline("segmentation", model_dir=best)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    cfg = yaml.safe_load(open("configs/pipelines/anomaly_detection.yaml"))
-    cfg["Serving"].update({"max_pixels": MAX_PIXELS, "max_body_mb": 1, "max_batch": 4, "batch_wait_ms": 20,
-                           "records_dir": str(folder / "records")})
-    (folder / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--pipeline", str(folder / "pipe.yaml"),
-                             "--model_dir", os.path.join(trained, "best_model"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read()) from None
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    # the server's output goes to a log file (a pipe nobody reads would stall it once full)
+    with live_server(os.path.join(trained, "best_model"), tmp_path_factory.mktemp("serve"),
+                     max_pixels=MAX_PIXELS, max_body_mb=1, max_batch=4, batch_wait_ms=20) as (base, _, _):
+        yield base
 
 
 def _post(base, payload, raw: bytes | None = None):
