@@ -152,3 +152,22 @@ def test_every_registered_model_trains_saves_loads_and_exports(name, val_demo, t
     for r, g in zip(ref, onnx.scores(x)):
         assert r.shape == g.shape
         assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
+
+
+def test_image_topk_scores_the_mean_of_the_highest_pixels():
+    from uadkit import create_model
+    from uadkit.errors import UadkitError
+
+    model = create_model("STFPM", input_size=[64, 64]).model.eval()
+    assert model.cfg["image_topk"] == 0.001  # the STFPM default
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        amap, score = model(x)
+        k = max(1, round(0.001 * 64 * 64))
+        assert torch.allclose(score, amap.flatten(1).topk(k, dim=1).values.mean(1))
+        model.cfg["image_topk"] = 0.05
+        assert torch.allclose(model(x)[1], amap.flatten(1).topk(205, dim=1).values.mean(1))
+        model.cfg["image_topk"] = 0  # 0: the map's maximum
+        assert torch.allclose(model(x)[1], amap.flatten(1).amax(1))
+    with pytest.raises(UadkitError, match="Model.image_topk"):
+        create_model("STFPM", input_size=[64, 64], image_topk=1.5).model  # noqa: B018

@@ -95,7 +95,14 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def image_score(self, amap: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return amap.flatten(1).amax(1)
+        """From the smoothed map: its maximum, or with `Model.image_topk` > 0 the mean of that fraction of its
+        highest pixels (steadier than one pixel; too large a fraction dilutes defects smaller than it)."""
+        flat = amap.flatten(1)
+        frac = float(self.cfg.get("image_topk") or 0.0)
+        if frac <= 0:
+            return flat.amax(1)
+        h, w = self.input_size  # the map's size as plain ints (an exported graph traces shapes as tensors)
+        return flat.topk(max(1, round(frac * h * w)), dim=1).values.mean(1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amap = gaussian_blur(self.raw_map(images), self.smoothing_sigma)

@@ -26,7 +26,10 @@ class STFPM(AnomalyModel):
     trainable = True
     # OpenVINO 115 vs ONNX Runtime 23 img/s at batch 1 on 2 busy cores (screw, 256 px), scores equal to 2e-6
     preferred_runtime = "openvino"
-    model_defaults = {"anomaly_map_mode": "product"}
+    # image score = mean of the top 0.1 % of the map: image AUROC +0.008 on mvtec_screw (0.816 -> 0.824), +0.018
+    # on generated parts, +0.009 on generated cloth with 4-10 px defects; 1 % gained more on the first two
+    # (+0.036, +0.05) but lost 0.079 on the small defects, so the small fraction is the default
+    model_defaults = {"anomaly_map_mode": "product", "image_topk": 0.001}
     train_defaults = {"epochs_iters": 30, "batch_size": 8, "learning_rate": 0.4, "momentum": 0.9,
                       "weight_decay": 1e-4, "lr_scheduler": "cosine", "cache_teacher": True}
 
@@ -38,6 +41,9 @@ class STFPM(AnomalyModel):
 
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
+        if not 0 <= float(model_cfg.get("image_topk") or 0) < 1:
+            raise UadkitError(f"config key 'Model.image_topk': expected a fraction in [0, 1), got "
+                              f"{model_cfg['image_topk']!r}")
         if model_cfg["anomaly_map_mode"] not in ("product", "sum"):
             raise UadkitError(f"config key 'Model.anomaly_map_mode': expected product or sum, "
                               f"got {model_cfg['anomaly_map_mode']!r}")
