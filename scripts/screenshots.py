@@ -75,7 +75,10 @@ def main() -> None:
     args = ap.parse_args()
     if not args.chromium:
         sys.exit("--chromium: no chromium on PATH (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sys.exit("scripts/screenshots.py needs playwright: scripts/setup.sh test (or pip install playwright)")
 
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="uadkit-screens-")

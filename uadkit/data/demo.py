@@ -8,6 +8,7 @@ data anywhere, offline.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -53,28 +54,34 @@ def _defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np.nd
     return np.clip(out, 0, 255).astype(np.uint8), (np.asarray(mask) > 127).astype(np.uint8) * 255
 
 
+def _write_mvtec(root: str | os.PathLike, defects: Sequence[str], good: Callable[[], np.ndarray],
+                 defect: Callable[[str], tuple[np.ndarray, np.ndarray]], n_train: int, n_test_good: int, n_val: int,
+                 n_test_defect: int, png: dict | None = None) -> str:
+    """Write a generated set in the MVTec AD layout: train/good, test/good, validation/good (when `n_val`),
+    test/<defect> with ground_truth/<defect>/*_mask.png. Images are drawn in that order (the generators share
+    one random stream, so the order fixes the data)."""
+    root = str(root)
+    subs = ["train/good", "test/good"] + [f"{top}/{d}" for top in ("test", "ground_truth") for d in defects]
+    for sub in subs + (["validation/good"] if n_val else []):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for sub, n in (("train/good", n_train), ("test/good", n_test_good), ("validation/good", n_val)):
+        for i in range(n):
+            Image.fromarray(good()).save(os.path.join(root, sub, f"{i:03d}.png"), **(png or {}))
+    for d in defects:
+        for i in range(n_test_defect):
+            img, mask = defect(d)
+            Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"), **(png or {}))
+            Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
+    return root
+
+
 def make_demo_dataset(root: str | os.PathLike, n_train: int = 40, n_test_good: int = 8,
                       n_test_defect: int = 6, size: int = 256, seed: int = 0, n_val: int = 0) -> str:
     """Write train/good, test/good, test/<defect> and ground_truth/<defect>/*_mask.png under `root`,
     and validation/good when `n_val` > 0 (calibration wants a few dozen good images it was not fitted on)."""
-    root = str(root)
     rng = np.random.default_rng(seed)
-    for sub in ["train/good", "test/good"] + [f"test/{d}" for d in DEFECTS] + [f"ground_truth/{d}" for d in DEFECTS]:
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    for i in range(n_train):
-        Image.fromarray(_fabric(rng, size)).save(os.path.join(root, "train/good", f"{i:03d}.png"))
-    for i in range(n_test_good):
-        Image.fromarray(_fabric(rng, size)).save(os.path.join(root, "test/good", f"{i:03d}.png"))
-    if n_val:
-        os.makedirs(os.path.join(root, "validation/good"), exist_ok=True)
-        for i in range(n_val):
-            Image.fromarray(_fabric(rng, size)).save(os.path.join(root, "validation/good", f"{i:03d}.png"))
-    for d in DEFECTS:
-        for i in range(n_test_defect):
-            img, mask = _defect(rng, _fabric(rng, size), d)
-            Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"))
-            Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
-    return root
+    return _write_mvtec(root, DEFECTS, lambda: _fabric(rng, size), lambda d: _defect(rng, _fabric(rng, size), d),
+                        n_train, n_test_good, n_val, n_test_defect)
 
 
 
@@ -148,21 +155,11 @@ def make_part_dataset(root: str | os.PathLike, n_train: int = 40, n_test_good: i
     """Like `make_demo_dataset`, but an object photo: a dark perforated part on a dark, noisy background,
     up to `shift` x the image size off centre and turned by up to `rotate` degrees, with small cuts,
     scratches and rust spots (`shift=0, rotate=0`: aligned parts). `size` is (height, width)."""
-    root = str(root)
     h, w = size
     rng = np.random.default_rng(seed)
-    subs = ["train/good", "test/good"] + [f"{top}/{d}" for top in ("test", "ground_truth") for d in PART_DEFECTS]
-    for sub in subs + (["validation/good"] if n_val else []):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    for sub, n in (("train/good", n_train), ("test/good", n_test_good), ("validation/good", n_val)):
-        for i in range(n):
-            Image.fromarray(_part(rng, h, w, shift, rotate)[0]).save(os.path.join(root, sub, f"{i:03d}.png"))
-    for d in PART_DEFECTS:
-        for i in range(n_test_defect):
-            img, mask = _part_defect(rng, *_part(rng, h, w, shift, rotate), d)
-            Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"))
-            Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
-    return root
+    return _write_mvtec(root, PART_DEFECTS, lambda: _part(rng, h, w, shift, rotate)[0],
+                        lambda d: _part_defect(rng, *_part(rng, h, w, shift, rotate), d),
+                        n_train, n_test_good, n_val, n_test_defect)
 
 
 HIGHRES_DEFECTS = ("fiber", "knot", "speck")
@@ -235,20 +232,10 @@ def make_highres_dataset(root: str | os.PathLike, size: int = 2048, n_train: int
     fibre noise, soft mottling) with small fibres, knots and specks `defect_px` pixels across at full size,
     with their masks, and validation/good when `n_val` > 0. Resized from 2048 px to a model's 256-320 px input
     such a defect is 1-3 px (a knot, finer weave of the cloth's own colour, is gone): what `Model.tiling` is for."""
-    root = str(root)
     lo, hi = defect_px
     if not 1 <= lo <= hi or hi + 8 >= size:
         raise ValueError(f"defect_px: expected 1 <= min <= max and max + 8 < size {size}, got {defect_px}")
     rng = np.random.default_rng(seed)
-    subs = ["train/good", "test/good"] + [f"{top}/{d}" for top in ("test", "ground_truth") for d in HIGHRES_DEFECTS]
-    for sub in subs + (["validation/good"] if n_val else []):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    for sub, n in (("train/good", n_train), ("test/good", n_test_good), ("validation/good", n_val)):
-        for i in range(n):
-            Image.fromarray(_highres_fabric(rng, size)).save(os.path.join(root, sub, f"{i:03d}.png"), **_FAST_PNG)
-    for d in HIGHRES_DEFECTS:
-        for i in range(n_test_defect):
-            img, mask = _highres_defect(rng, _highres_fabric(rng, size), d, (lo, hi))
-            Image.fromarray(img).save(os.path.join(root, "test", d, f"{i:03d}.png"), **_FAST_PNG)
-            Image.fromarray(mask).save(os.path.join(root, "ground_truth", d, f"{i:03d}_mask.png"))
-    return root
+    return _write_mvtec(root, HIGHRES_DEFECTS, lambda: _highres_fabric(rng, size),
+                        lambda d: _highres_defect(rng, _highres_fabric(rng, size), d, (lo, hi)),
+                        n_train, n_test_good, n_val, n_test_defect, _FAST_PNG)
