@@ -92,6 +92,15 @@ def read_metadata(path: str) -> dict[str, Any]:
     return meta
 
 
+def load_state(model: AnomalyModel, state: dict[str, torch.Tensor]):
+    """`load_state_dict(state, strict=False)`, after models with data-sized buffers (memory banks) size them
+    from `state`; returns (missing, unexpected) keys."""
+    prepare = getattr(model, "prepare_state", None)
+    if prepare:
+        prepare(state)
+    return model.load_state_dict(state, strict=False)
+
+
 def load_model_dir(path: str) -> tuple[AnomalyModel, dict[str, Any]]:
     meta = read_metadata(path)
     # No ImageNet download: every tensor, the teacher's included, comes from the saved file.
@@ -100,11 +109,8 @@ def load_model_dir(path: str) -> tuple[AnomalyModel, dict[str, Any]]:
         state = load_file(os.path.join(path, WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UadkitError(f"{os.path.join(path, WEIGHTS)}: corrupt weights file ({e})") from e
-    prepare = getattr(model, "prepare_state", None)
-    if prepare:  # models with data-sized buffers (memory banks) size them from the file first
-        prepare(state)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = load_state(model, state)
     except RuntimeError as e:  # shape mismatches: a different config or uadkit version wrote it
         reason = str(e).splitlines()[-1].strip()
         raise UadkitError(f"{os.path.join(path, WEIGHTS)}: weights do not fit a {meta['model']} with the config in "

@@ -74,6 +74,7 @@ class ExportedRuntime:
         """The model's own `finish` step, on a model built without weights and given the saved head tensors."""
         from safetensors.torch import load_file
 
+        from ..engine.checkpoint import load_state
         from ..models import build_model
 
         path = os.path.join(model_dir, "inference", self.info["head"])
@@ -82,10 +83,7 @@ class ExportedRuntime:
         except Exception as e:  # missing or corrupt file: safetensors raises its own types
             raise UadkitError(f"{path}: cannot read the exported head ({e}); run -o Global.mode=export") from e
         model = build_model(self.name, self.cfg, pretrained=False)
-        prepare = getattr(model, "prepare_state", None)
-        if prepare:
-            prepare(state)
-        model.load_state_dict(state, strict=False)
+        load_state(model, state)  # the head's tensors only: the backbone runs in the graph
         return model.eval().finish
 
     def run(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
