@@ -70,6 +70,14 @@ def _grid(maps: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, GRID, GRID))
 
 
+def shared_share(z: np.ndarray) -> float:
+    """The share of their variation that (N, ...) standardised fields have in common: each has variance 1 and
+    the mean of N independent ones 1/N, so the excess over 1/N, scaled to [.., 1], is the shared part (1: every
+    field is the same pattern; an intraclass correlation)."""
+    n = len(z)
+    return (float(z.mean(0).var()) - 1 / n) / (1 - 1 / n)
+
+
 def _band(width: float) -> np.ndarray:
     k = max(1, round(GRID * width))
     band = np.zeros((GRID, GRID), bool)
@@ -90,9 +98,7 @@ def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
     if n < 2:
         return report
     mean = z.mean(0)
-    # Each map has spatial variance 1; the mean of n independent ones has 1/n. The excess over 1/n, scaled
-    # to [.., 1], is the shared part (1: every map is the same pattern).
-    shared = (float(mean.var()) - 1 / n) / (1 - 1 / n)
+    shared = shared_share(z)
     band = _band(BORDER)
     border = float(np.mean([m[band].mean() - m[~band].mean() for m in z]))
     k = max(1, round(HOT_AREA * GRID * GRID))
@@ -215,8 +221,7 @@ def part_alignment(images: Sequence[np.ndarray]) -> dict[str, Any]:
     if len(images) < MIN_IMAGES:
         return {"images": len(images), "shift_p90": None, "shift_max": None, "structure": None}
     grey = np.stack([_grey(im) for im in images])
-    n = len(grey)
-    structure = (float(grey.mean(0).var()) - 1 / n) / (1 - 1 / n)
+    structure = shared_share(grey)
     median = np.median(grey, 0)
     window = np.outer(np.hanning(ALIGN_SIZE), np.hanning(ALIGN_SIZE))  # no wrap-around edge in the FFT
     ref = np.conj(np.fft.fft2(median * window))
