@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import FeatureExtractor
+from ..errors import UadkitError
 
 SCORE_OUTPUTS = ("raw_map", "raw_score", "norm_map", "norm_score")  # what `scores` returns, in order
 LN19 = math.log(19.0)  # sigmoid(-ln 19) = 0.05: the median good image lands at a normalised 0.05
@@ -66,7 +67,10 @@ class AnomalyModel(nn.Module):
 
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
-        """Raise UadkitError naming the `Model.*` key whose value this model cannot use."""
+        """Raise UadkitError naming the `Model.*` key whose value this model cannot use (subclasses call this)."""
+        if not 0 <= float(model_cfg.get("image_topk") or 0) < 1:
+            raise UadkitError(f"config key 'Model.image_topk': expected a fraction in [0, 1), got "
+                              f"{model_cfg['image_topk']!r}")
 
     @classmethod
     def check_train_config(cls, train_cfg: dict[str, Any]) -> None:

@@ -41,9 +41,7 @@ class STFPM(AnomalyModel):
 
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
-        if not 0 <= float(model_cfg.get("image_topk") or 0) < 1:
-            raise UadkitError(f"config key 'Model.image_topk': expected a fraction in [0, 1), got "
-                              f"{model_cfg['image_topk']!r}")
+        super().check_config(model_cfg)
         if model_cfg["anomaly_map_mode"] not in ("product", "sum"):
             raise UadkitError(f"config key 'Model.anomaly_map_mode': expected product or sum, "
                               f"got {model_cfg['anomaly_map_mode']!r}")

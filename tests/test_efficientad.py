@@ -1,0 +1,86 @@
+"""EfficientAD's two branches: the student alone by default, the autoencoder trained and mixed in on request."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from uadkit import create_model
+from uadkit.data.demo import make_demo_dataset
+from uadkit.engine.checkpoint import load_model_dir
+from uadkit.engine.export import OnnxModel
+from uadkit.errors import UadkitError
+
+TOL = 1e-4  # the export tests' stated tolerance
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> str:
+    return make_demo_dataset(tmp_path_factory.mktemp("ead_demo"), n_train=12, n_test_good=3, n_test_defect=2,
+                             size=64, n_val=8)
+
+
+def _x() -> torch.Tensor:
+    return torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_autoencoder_is_off_by_default_and_then_neither_trained_nor_scored(demo, tmp_path):
+    def trained(epochs: int):
+        det = create_model("EfficientAD", input_size=[64, 64], run_mode="torch")
+        det.train(dataset_dir=demo, output=str(tmp_path / f"e{epochs}"), epochs_iters=epochs, batch_size=4)
+        return load_model_dir(det.model_dir)[0]
+
+    one, model = trained(1), trained(2)  # same seed: same initial weights
+    assert model.cfg["ae_weight"] == 0
+    assert not torch.equal(one.student[0].weight, model.student[0].weight)  # the student learned on
+    assert all(torch.equal(a, b) for a, b in zip(one.autoencoder.state_dict().values(),
+                                                 model.autoencoder.state_dict().values()))  # it did not
+    x = _x()
+    with torch.no_grad():
+        ref = model.scores(x)
+        for p in model.autoencoder.parameters():  # scramble it: the scores must not move
+            p.add_(torch.randn_like(p))
+        assert all(torch.equal(a, b) for a, b in zip(ref, model.scores(x)))
+
+
+def test_weighted_autoencoder_trains_mixes_in_and_exports(demo, tmp_path):
+    det = create_model("EfficientAD", input_size=[64, 64], run_mode="torch", ae_weight=0.5)
+    det.train(dataset_dir=demo, output=str(tmp_path / "o"), epochs_iters=2, batch_size=4)
+    model, _ = load_model_dir(det.model_dir)
+    assert model.cfg["ae_weight"] == 0.5
+    one = create_model("EfficientAD", input_size=[64, 64], run_mode="torch", ae_weight=0.5)
+    one.train(dataset_dir=demo, output=str(tmp_path / "e1"), epochs_iters=1, batch_size=4)
+    assert not torch.equal(load_model_dir(one.model_dir)[0].autoencoder.encoder[0].weight,
+                           model.autoencoder.encoder[0].weight)  # the autoencoder learned on
+    x = _x()
+    with torch.no_grad():
+        ref = model.scores(x)
+        only_student = copy.deepcopy(model)
+        only_student.cfg["ae_weight"] = 0.0
+        assert not torch.allclose(ref[0], only_student.scores(x)[0])  # the autoencoder's map is in the result
+    for r, g in zip(ref, OnnxModel(det.model_dir).scores(x)):  # and in the one exported graph
+        assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
+
+
+def test_student_sees_as_far_as_its_teacher():
+    """The student must see the whole patch its teacher describes, or it cannot predict it on good images."""
+    model = create_model("EfficientAD", input_size=[256, 256]).model.eval()
+
+    def reach(f) -> int:  # columns of the input that move the output's centre pixel
+        x = torch.rand(1, 3, 256, 256, requires_grad=True)
+        out = f(x)
+        out[0, :, out.shape[2] // 2, out.shape[3] // 2].sum().backward()
+        cols = x.grad.abs().sum((0, 1, 2)).nonzero()
+        return int(cols.max() - cols.min() + 1)
+
+    teacher = reach(lambda x: model.teacher(x)[-1])
+    student = reach(model.student)
+    assert student >= 0.9 * teacher, (student, teacher)
+
+
+@pytest.mark.parametrize("key,value", [("ae_weight", 1.5), ("image_topk", 1.0), ("hard_quantile", 0.2)])
+def test_bad_values_name_their_key(key, value):
+    with pytest.raises(UadkitError, match=f"Model.{key}"):
+        create_model("EfficientAD", input_size=[64, 64], **{key: value}).model  # noqa: B018
