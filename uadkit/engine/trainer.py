@@ -52,7 +52,7 @@ def _loader(samples: list[Sample], model: AnomalyModel, batch_size: int, workers
 def _image_batches(samples: list[Sample], model: AnomalyModel, batch_size: int, workers: int,
                    device: torch.device) -> Iterator[torch.Tensor]:
     for images, _ in _loader(samples, model, batch_size, workers):
-        yield images.to(device)
+        yield _channels_last(images.to(device))  # the layout of the model's weights while it trains
 
 
 class _Loss(torch.nn.Module):
@@ -65,6 +65,10 @@ class _Loss(torch.nn.Module):
     def forward(self, images: torch.Tensor, targets: list[torch.Tensor] | None,
                 extra: torch.Tensor | None) -> torch.Tensor:
         return self.model.training_loss(images, targets, extra)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 class _TargetCache:
@@ -80,7 +84,10 @@ class _TargetCache:
             return None
         images = torch.stack([self.items[i][0] for i in ids]).to(device).float() / 255
         first = self.items[ids[0]][1]
-        return images, [torch.stack([self.items[i][1][k] for i in ids]).to(device) for k in range(len(first))]
+        # in the layout fresh ones have (channels-last): a layout changes float rounding, and a resumed run,
+        # which computes its first epoch's targets afresh, must reproduce an uninterrupted one exactly
+        return _channels_last(images), [_channels_last(torch.stack([self.items[i][1][k] for i in ids]).to(device))
+                                        for k in range(len(first))]
 
     def put(self, ids: list[int], images: torch.Tensor, targets: list[torch.Tensor] | None) -> None:
         if self.items is None or targets is None:
@@ -118,7 +125,10 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     epochs, bs, workers, seed = t["epochs_iters"], t["batch_size"], t["num_workers"], cfg["Global"]["seed"]
     if bs < ctx.world:
         raise UadkitError(f"Train.batch_size {bs} is the global batch: it must be >= the {ctx.world} processes")
-    model.to(device)
+    # channels-last: on 2 CPU cores an STFPM step (Lite0, batch 8, 256 px) took 0.50 s contiguous and 0.24 s
+    # channels-last, its teacher 0.21 vs 0.06 s (depthwise convolutions); EfficientAD's plain ones 0.088 vs
+    # 0.082 s. Weights go back to the usual layout at the end, so what is saved and exported is unchanged.
+    model.to(device, memory_format=torch.channels_last)
     start, history = 0, []
     best: dict[str, Any] = {"epoch": None, "val_loss": math.inf, "state": None}
     resume = None
@@ -127,8 +137,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
 
         resumed, _ = load_model_dir(t["resume_path"])
         resume = load_train_state(t["resume_path"])
-        model.load_state_dict(resumed.state_dict())
-        model.to(device)
+        model.load_state_dict(resumed.state_dict())  # copied into the channels-last parameters
     model.on_train_start(lambda: _image_batches(index.train, model, bs, workers, device))
     opt, sched = model.configure_optimizers(t)  # after the hook: a model may size its parameters from data
     if resume is not None:
@@ -170,7 +179,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
             if hit is not None:
                 images, targets = hit
             else:
-                images = torch.stack([ds[i][0] for i in ids]).to(device)
+                images = _channels_last(torch.stack([ds[i][0] for i in ids]).to(device))
                 targets = model.training_targets(images)
                 cache.put(ids, images, targets)
             extra = extra_source(len(ids), extra_gen).to(device) if extra_source is not None else None
@@ -209,6 +218,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
                 save_model_dir(model, os.path.join(out, "checkpoints", f"epoch_{epoch + 1}"), train_state=state)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     with torch.no_grad():
         if ctx.is_main:  # only rank 0 calibrates and saves
