@@ -52,7 +52,7 @@ def _loader(samples: list[Sample], model: AnomalyModel, batch_size: int, workers
 def _image_batches(samples: list[Sample], model: AnomalyModel, batch_size: int, workers: int,
                    device: torch.device) -> Iterator[torch.Tensor]:
     for images, _ in _loader(samples, model, batch_size, workers):
-        yield _channels_last(images.to(device))  # the layout of the model's weights while it trains
+        yield _channels_last(images.to(device))  # the training layout (only speed depends on it)
 
 
 class _Loss(torch.nn.Module):

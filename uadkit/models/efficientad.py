@@ -81,6 +81,10 @@ class AutoEncoder(nn.Module):
         return self.decoder[-1](self.decoder[-2](x))
 
 
+def _ae_weight(model_cfg: dict[str, Any]) -> float:
+    return float(model_cfg.get("ae_weight", 0.5))  # models saved before the key combined the maps equally
+
+
 class EfficientAD(AnomalyModel):
     name = "EfficientAD"
     trainable = True
@@ -100,7 +104,7 @@ class EfficientAD(AnomalyModel):
         if not 0.5 <= model_cfg["hard_quantile"] < 1:
             raise UadkitError(f"config key 'Model.hard_quantile': expected a value in [0.5, 1), "
                               f"got {model_cfg['hard_quantile']}")
-        if not 0 <= float(model_cfg.get("ae_weight", 0.5)) <= 1:
+        if not 0 <= _ae_weight(model_cfg) <= 1:
             raise UadkitError(f"config key 'Model.ae_weight': expected a weight in [0, 1], "
                               f"got {model_cfg['ae_weight']!r}")
         if model_cfg["student_width"] < 8:
@@ -155,7 +159,7 @@ class EfficientAD(AnomalyModel):
 
     @property
     def ae_weight(self) -> float:
-        return float(self.cfg.get("ae_weight", 0.5))  # models saved before the key combined the maps equally
+        return _ae_weight(self.cfg)
 
     def _maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Student-teacher and student-autoencoder distance maps (the second None when the weight is 0)."""
@@ -220,17 +224,18 @@ class EfficientAD(AnomalyModel):
 
     @torch.no_grad()
     def on_train_end(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
-        sts, aes = [], []
+        maps: list[list[torch.Tensor]] = [[], []]
         for images in batches():
-            st, ae = self._maps(images)
-            sts.append(st.flatten())
-            aes.append(st.flatten() if ae is None else ae.flatten())  # unused when the branch is off
-        st, ae = torch.cat(sts), torch.cat(aes)
-        qs = []
-        for m in (st, ae):
-            qa, qb = torch.quantile(m[torch.randperm(len(m))[:1 << 24]] if len(m) > 1 << 24 else m,
-                                    torch.tensor([0.9, 0.995], device=m.device)).tolist()
-            qs += [qa, max(qb, qa + 1e-6)]  # a flat map must not divide by zero
+            for kept, m in zip(maps, self._maps(images)):
+                if m is not None:
+                    kept.append(m.flatten())
+        qs = self.quantiles.tolist()  # the autoencoder's pair stays as it is when its branch is off
+        for j, kept in enumerate(maps):
+            if kept:
+                m = torch.cat(kept)
+                qa, qb = torch.quantile(m[torch.randperm(len(m))[:1 << 24]] if len(m) > 1 << 24 else m,
+                                        torch.tensor([0.9, 0.995], device=m.device)).tolist()
+                qs[2 * j:2 * j + 2] = [qa, max(qb, qa + 1e-6)]  # a flat map must not divide by zero
         self.quantiles.copy_(torch.tensor(qs))
 
     def extra_batch_source(self, train_cfg: dict[str, Any]) -> Callable[[int, torch.Generator], torch.Tensor] | None:
