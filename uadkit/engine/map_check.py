@@ -15,7 +15,9 @@ model's units, the image size or an offset.
   images (every model: a frame in every good image sets the thresholds, e.g. padding or vignetting).
 - `hot_region_excess` with `hot_region`: the same for the hottest `HOT_AREA` of the mean map, each image
   measured in the region the other images pick (noise alone gives about 0); `hot_region` is the bounding box
-  of that area (x0, y0, x1, y1 as fractions of the image), the whole image when nothing is concentrated.
+  of that area (x0, y0, x1, y1 as fractions of the image), the whole image when nothing is concentrated. It
+  is warned about only when that box is at most `HOT_REGION_MAX_BOX` of the image: a box around scattered
+  hot cells is not a region one could mask out.
 
 The maps must be of good images the model was not fitted on (held out): a one-pass model fitted on them
 scores them in-sample, which carries its own pattern (measured on aligned generated parts with PaDiM:
@@ -43,6 +45,8 @@ MIN_IMAGES = 8          # fewer good maps: figures only, no warnings (too noisy 
 SHARED_POSITION_TIED = 0.07
 BORDER_EXCESS = 1.0
 HOT_REGION_EXCESS = 2.0
+# The hottest cells scattered over a larger box are not "one region": nothing a Model.roi could mask out
+HOT_REGION_MAX_BOX = 0.25
 
 log = logging.getLogger("uadkit")
 
@@ -137,13 +141,19 @@ def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
             f"{model_name}: the good images' anomaly maps are highest along the image border ({border:.1f} "
             f"spreads above the rest on average over {n} images), so the border sets the thresholds and "
             f"defects inside must outscore it: crop the border (Model.roi){alternative}.")
-    if hot_excess >= HOT_REGION_EXCESS:
-        x0, y0, x1, y1 = region
+    x0, y0, x1, y1 = region
+    if hot_excess >= HOT_REGION_EXCESS and (x1 - x0) * (y1 - y0) <= HOT_REGION_MAX_BOX:
         warnings.append(
             f"{model_name}: the good images' anomaly maps are highest in one region (x {x0:.2f}-{x1:.2f}, "
             f"y {y0:.2f}-{y1:.2f} of the image; {hot_excess:.1f} spreads above the rest over {n} images), "
             "so it sets the thresholds: if it is not part of what is inspected, mask it out (Model.roi)"
             f"{alternative}.")
+    elif hot_excess >= HOT_REGION_EXCESS:
+        warnings.append(
+            f"{model_name}: the good images' anomaly maps are highest at the same places in every image, "
+            f"scattered over it ({hot_excess:.1f} spreads above the rest over {n} images), so they set the "
+            "thresholds: the held-out good images differ there from the training images (another setup or "
+            f"lighting?); train on images like them{alternative}.")
     return report
 
 
