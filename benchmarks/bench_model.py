@@ -32,6 +32,9 @@ def dir_size(path: str) -> int:
 
 def throughput(model, images: list[np.ndarray], batch: int, repeats: int = 3) -> float:
     device = torch.device("cpu")
+    if not images:
+        raise SystemExit("bench_model: no test images to time")
+    images = images * -(-batch // len(images))  # a data set with fewer images than a batch still fills one
     score_images(model, images[:batch], device, with_raw=False)  # warm-up
     n, t0 = 0, time.perf_counter()
     for _ in range(repeats):

@@ -64,6 +64,29 @@ def test_weighted_autoencoder_trains_mixes_in_and_exports(demo, tmp_path):
         assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
 
 
+def test_penalty_stream_is_drawn_and_trained_on_only_on_request(demo, tmp_path):
+    """Off by default (measured neutral, README); on request each batch brings penalty images whose student
+    output (pushed towards zero) is part of the loss."""
+    from uadkit.models.efficientad import penalty_images
+
+    def trained(penalty: bool):
+        det = create_model("EfficientAD", input_size=[64, 64], run_mode="torch", penalty=penalty)
+        det.train(dataset_dir=demo, output=str(tmp_path / str(penalty)), epochs_iters=2, batch_size=4,
+                  **{"Train.export": False})
+        return load_model_dir(det.model_dir)[0]
+
+    off, on = trained(False), trained(True)
+    assert off.cfg["penalty"] is False and on.cfg["penalty"] is True
+    assert off.extra_batch_source(off.cfg) is None
+    assert not torch.equal(off.student[0].weight, on.student[0].weight)  # same seed: only the stream differs
+    x, extra = _x(), penalty_images(2, (64, 64), torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        energy = float(on._student(extra, on.feature_size(x))[:, :on.channels].pow(2).mean())
+        added = float(on.training_loss(x, None, extra) - on.training_loss(x, None, None))
+        assert added == pytest.approx(energy, rel=1e-3)
+        assert torch.equal(off.training_loss(x, None, extra), off.training_loss(x, None, None))
+
+
 def test_student_sees_as_far_as_its_teacher():
     """The student must see the whole patch its teacher describes, or it cannot predict it on good images."""
     model = create_model("EfficientAD", input_size=[256, 256]).model.eval()

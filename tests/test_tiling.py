@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -16,6 +17,7 @@ from uadkit.data.formats import load_index
 from uadkit.data.image_io import list_images, load_image, prepare_image
 from uadkit.data.tiling import Stitcher, roi_mask, stitch, tile_boxes
 from uadkit.errors import UadkitError
+from uadkit.inference.predictor import score_images
 
 TILING = {"tile_size": [96, 96], "stride": [64, 64]}  # 150 px images: 150 is not a multiple of 64
 SIZE = 150
@@ -149,6 +151,23 @@ def test_roi_zeroes_the_map_outside_and_nothing_outside_flags(hires, tmp_path):
         for r in (r_good, r_out, r_in):
             assert not r["anomaly_map"][:, SIZE // 2:].any() and not r["pred_mask"][:, SIZE // 2:].any()
         assert r_in["pred_mask"][60:90, 20:50].any()
+
+
+def test_roi_over_the_whole_image_keeps_the_models_top_k_image_score(hires, tmp_path):
+    """A model whose image score is a top-k mean (Model.image_topk) keeps that rule inside a region: a region
+    covering the whole image gives the same scores as no region (the maximum would be higher)."""
+    det = create_model("STFPM", input_size=[64, 64], image_topk=0.05, epochs_iters=1, batch_size=8,
+                       **{"Train.export": False, "Train.calibration.synthetic_images": 0})
+    det.train(dataset_dir=hires, output=str(tmp_path))
+    model = det.model.eval()
+    images = [load_image(p) for p in list_images(os.path.join(hires, "test"))]
+    plain = score_images(model, images, torch.device("cpu"))
+    model.cfg["roi"] = [[0, 0, SIZE, SIZE]]
+    whole = score_images(model, images, torch.device("cpu"))
+    for p, w in zip(plain, whole):
+        assert w.raw_score == pytest.approx(p.raw_score, rel=0.02)  # the map at image size vs at 64 px
+        assert p.raw_map.max() > p.raw_score * 1.05  # so the maximum would not pass
+        assert w.norm_score == pytest.approx(p.norm_score, abs=0.02)
 
 
 # -- check_dataset -----------------------------------------------------------------------------------------

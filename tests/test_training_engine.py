@@ -16,9 +16,11 @@ from uadkit.cli import main
 from uadkit.config import load_config
 from uadkit.data.demo import make_demo_dataset
 from uadkit.data.formats import load_index
-from uadkit.engine.checkpoint import load_model_dir
+from uadkit.data.image_io import list_images, load_image, prepare_image
+from uadkit.engine.checkpoint import load_model_dir, save_model_dir
 from uadkit.engine.export import OnnxModel
 from uadkit.engine.trainer import train_gradient
+from uadkit.inference.predictor import score_images
 from uadkit.models import MODELS, AnomalyModel
 
 TOL = 1e-4  # the export tests' stated tolerance
@@ -152,6 +154,15 @@ def test_every_registered_model_trains_saves_loads_and_exports(name, val_demo, t
     for r, g in zip(ref, onnx.scores(x)):
         assert r.shape == g.shape
         assert torch.allclose(r, g, rtol=TOL, atol=TOL * max(1.0, float(r.abs().max())))
+    # the predictor runs a torch model channels-last (speed only): the plain layout's scores, saved as usual
+    imgs = [load_image(p) for p in list_images(test_dir)[:3]]
+    with torch.no_grad():
+        plain = model.scores(torch.from_numpy(np.stack([prepare_image(i, model.input_size) for i in imgs])))[1]
+    fast = [s.raw_score for s in score_images(model, imgs, torch.device("cpu"))]
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())  # it was converted
+    assert np.allclose(fast, plain.numpy(), rtol=1e-5, atol=1e-7)
+    save_model_dir(model, str(tmp_path / "again"))
+    assert load_model_dir(str(tmp_path / "again"))[0].scores(x)[1].tolist() == ref[1].tolist()
 
 
 def test_image_topk_scores_the_mean_of_the_highest_pixels():
