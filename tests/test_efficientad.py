@@ -75,6 +75,7 @@ def test_penalty_stream_is_drawn_and_trained_on_only_on_request(demo, tmp_path):
                   **{"Train.export": False})
         return load_model_dir(det.model_dir)[0]
 
+    assert create_model("EfficientAD").model.cfg["penalty"] is False  # the default
     off, on = trained(False), trained(True)
     assert off.cfg["penalty"] is False and on.cfg["penalty"] is True
     assert off.extra_batch_source(off.cfg) is None

@@ -153,11 +153,13 @@ def test_roi_zeroes_the_map_outside_and_nothing_outside_flags(hires, tmp_path):
         assert r_in["pred_mask"][60:90, 20:50].any()
 
 
-def test_roi_over_the_whole_image_keeps_the_models_top_k_image_score(hires, tmp_path):
+@pytest.mark.parametrize("tiling", [None, TILING])
+def test_roi_keeps_the_models_top_k_image_score(hires, tmp_path, tiling):
     """A model whose image score is a top-k mean (Model.image_topk) keeps that rule inside a region: a region
-    covering the whole image gives the same scores as no region (the maximum would be higher)."""
+    covering the whole image gives the same scores as no region (the maximum would be higher); in a smaller
+    region k still counts the image's (or a tile's) pixels; models saved before the rule keep the maximum."""
     det = create_model("STFPM", input_size=[64, 64], image_topk=0.05, epochs_iters=1, batch_size=8,
-                       **{"Train.export": False, "Train.calibration.synthetic_images": 0})
+                       tiling=tiling, **{"Train.export": False, "Train.calibration.synthetic_images": 0})
     det.train(dataset_dir=hires, output=str(tmp_path))
     model = det.model.eval()
     images = [load_image(p) for p in list_images(os.path.join(hires, "test"))]
@@ -165,9 +167,21 @@ def test_roi_over_the_whole_image_keeps_the_models_top_k_image_score(hires, tmp_
     model.cfg["roi"] = [[0, 0, SIZE, SIZE]]
     whole = score_images(model, images, torch.device("cpu"))
     for p, w in zip(plain, whole):
-        assert w.raw_score == pytest.approx(p.raw_score, rel=0.02)  # the map at image size vs at 64 px
-        assert p.raw_map.max() > p.raw_score * 1.05  # so the maximum would not pass
-        assert w.norm_score == pytest.approx(p.norm_score, abs=0.02)
+        if not tiling:  # tiled, a region scores the stitched map (overlaps averaged), not each tile's own
+            assert p.raw_map.max() > p.raw_score * 1.05  # so the maximum would not pass
+            assert w.raw_score == pytest.approx(p.raw_score, rel=0.03)  # the map at image size vs at 64 px
+            assert w.norm_score == pytest.approx(p.norm_score, abs=0.03)
+    model.cfg["roi"] = [[0, 0, SIZE // 2, SIZE]]  # the left half
+    area = 96 * 96 if tiling else SIZE * SIZE
+    for h in score_images(model, images, torch.device("cpu")):
+        inside = h.raw_map[:, : SIZE // 2].ravel()
+        assert h.raw_score == pytest.approx(np.sort(inside)[-round(0.05 * area):].mean(), rel=1e-5)
+    model.cfg["roi_score"] = "max"  # what a model saved before Model.roi_score was calibrated with
+    for h in score_images(model, images, torch.device("cpu")):
+        assert h.raw_score == pytest.approx(float(h.raw_map[:, : SIZE // 2].max()), rel=1e-6)
+    del model.cfg["roi_score"]  # a saved model without the key
+    assert [h.raw_score for h in score_images(model, images, torch.device("cpu"))] == pytest.approx(
+        [float(h.raw_map[:, : SIZE // 2].max()) for h in score_images(model, images, torch.device("cpu"))])
 
 
 # -- check_dataset -----------------------------------------------------------------------------------------

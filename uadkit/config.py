@@ -51,6 +51,9 @@ COMMON: dict[str, dict[str, Any]] = {
         # tile is resized to input_size, maps are stitched back at the original size
         "tiling": None,
         "roi": None,               # region inspected: [[x0, y0, x1, y1], ...] in image pixels or a mask image
+        # image score inside the region: the model's own rule (Model.image_topk) | max (the rule of models
+        # saved before 2026-11-26, whose thresholds were calibrated with it; a saved model without the key)
+        "roi_score": "rule",
     },
     "Train": {
         "epochs_iters": 1,

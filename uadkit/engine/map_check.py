@@ -16,8 +16,9 @@ model's units, the image size or an offset.
 - `hot_region_excess` with `hot_region`: the same for the hottest `HOT_AREA` of the mean map, each image
   measured in the region the other images pick (noise alone gives about 0); `hot_region` is the bounding box
   of that area (x0, y0, x1, y1 as fractions of the image), the whole image when nothing is concentrated. It
-  is warned about only when that box is at most `HOT_REGION_MAX_BOX` of the image: a box around scattered
-  hot cells is not a region one could mask out (figures only).
+  is warned about, naming each part's box, only when the hot cells form at most `MAX_HOT_PARTS` connected
+  parts each within `HOT_REGION_MAX_BOX` of the image: scattered hot cells are no region one could mask
+  out (figures only).
 
 The maps must be of good images the model was not fitted on (held out): a one-pass model fitted on them
 scores them in-sample, which carries its own pattern (measured on aligned generated parts with PaDiM:
@@ -45,9 +46,10 @@ MIN_IMAGES = 8          # fewer good maps: figures only, no warnings (too noisy 
 SHARED_POSITION_TIED = 0.07
 BORDER_EXCESS = 1.0
 HOT_REGION_EXCESS = 2.0
-# The hottest cells scattered over a larger box are not "one region": nothing a Model.roi could mask out, and
+# The hottest cells in a few compact parts can be masked (Model.roi); scattered over the image they cannot, and
 # such patterns come from the model's own grid as well (EfficientAD on 64 px demo images: 2.7-2.9 spreads)
 HOT_REGION_MAX_BOX = 0.25
+MAX_HOT_PARTS = 3
 
 log = logging.getLogger("uadkit")
 
@@ -89,6 +91,24 @@ def _band(width: float) -> np.ndarray:
     band[:k] = band[-k:] = True
     band[:, :k] = band[:, -k:] = True
     return band
+
+
+def hot_boxes(hot: np.ndarray, k: int) -> list[list[float]]:
+    """Boxes (x0, y0, x1, y1, fractions of the image) of the hot cells' connected parts, when they are a few
+    (`MAX_HOT_PARTS`) compact ones (each box at most `HOT_REGION_MAX_BOX`) a Model.roi could mask; [] when the
+    hot cells are scattered (specks under a tenth of the hot area are ignored)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(hot)
+    boxes = []
+    for i, sl in enumerate(ndimage.find_objects(labels), 1):
+        if (labels[sl] == i).sum() < 0.1 * k:
+            continue
+        box = [sl[1].start / GRID, sl[0].start / GRID, sl[1].stop / GRID, sl[0].stop / GRID]
+        if (box[2] - box[0]) * (box[3] - box[1]) > HOT_REGION_MAX_BOX:
+            return []
+        boxes.append([round(v, 3) for v in box])
+    return boxes if len(boxes) <= MAX_HOT_PARTS else []
 
 
 def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
@@ -142,13 +162,14 @@ def good_map_report(maps: Sequence[np.ndarray], position_tied: bool = False,
             f"{model_name}: the good images' anomaly maps are highest along the image border ({border:.1f} "
             f"spreads above the rest on average over {n} images), so the border sets the thresholds and "
             f"defects inside must outscore it: crop the border (Model.roi){alternative}.")
-    x0, y0, x1, y1 = region
-    if hot_excess >= HOT_REGION_EXCESS and (x1 - x0) * (y1 - y0) <= HOT_REGION_MAX_BOX:
+    boxes = hot_boxes(hot, k)
+    if hot_excess >= HOT_REGION_EXCESS and boxes:
+        where = "; ".join(f"x {x0:.2f}-{x1:.2f}, y {y0:.2f}-{y1:.2f}" for x0, y0, x1, y1 in boxes)
+        what = "one region" if len(boxes) == 1 else f"{len(boxes)} regions"
         warnings.append(
-            f"{model_name}: the good images' anomaly maps are highest in one region (x {x0:.2f}-{x1:.2f}, "
-            f"y {y0:.2f}-{y1:.2f} of the image; {hot_excess:.1f} spreads above the rest over {n} images), "
-            "so it sets the thresholds: if it is not part of what is inspected, mask it out (Model.roi)"
-            f"{alternative}.")
+            f"{model_name}: the good images' anomaly maps are highest in {what} ({where} of the image; "
+            f"{hot_excess:.1f} spreads above the rest over {n} images), so it sets the thresholds: if it is "
+            f"not part of what is inspected, mask it out (Model.roi){alternative}.")
     return report
 
 

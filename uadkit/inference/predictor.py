@@ -45,7 +45,8 @@ def _calibration(model) -> torch.Tensor:
 
 
 def _layout(model: Any, batch: torch.Tensor) -> torch.Tensor:
-    """A torch model scores channels-last: on 2 CPU cores (256 px, ms per image at batch 1 / 8) EfficientAD
+    """A torch model scores channels-last: on 2 CPU cores (`model.scores` alone, 256 px, ms per image at
+    batch 1 / 8) EfficientAD
     15.7 / 35.8 -> 6.7 / 13.8, STFPM 27.8 / 54.6 -> 13.1 / 37.4, PaDiM 34 / 35 -> 27 / 27, PatchCore 30 / 48
     -> 31 / 41 (depthwise convolutions). Its weights are converted in place when they are not yet; saving
     and export write the usual layout. Exported runtimes take the batch as it is."""
@@ -120,14 +121,18 @@ def _score_tiled(model: AnomalyModel, image: np.ndarray, device: torch.device, t
 
 def _apply_roi(model: AnomalyModel, sc: Scored, mask: np.ndarray) -> Scored:
     """Zero the maps outside the region; the image score is the model's own rule (`Model.image_topk`: the
-    maximum, or the mean of the highest fraction of the image's area) applied inside it, normalised with the
-    calibration's image scales, so nothing outside can flag the image."""
+    maximum, or the mean of the highest fraction of the image's or tile's area) applied inside it, normalised
+    with the calibration's image scales, so nothing outside can flag the image. Models saved before
+    `Model.roi_score` existed were calibrated with the maximum inside the region, and keep it."""
     raw_map = np.where(mask, sc.raw_map, 0).astype(np.float32)
     inside = sc.raw_map[mask]
-    frac = float((getattr(model, "cfg", None) or {}).get("image_topk") or 0.0)
-    # k counts pixels of the whole image, as the model counts its input's: a defect of a given size weighs
-    # the same with and without a region
-    k = min(inside.size, max(1, round(frac * mask.size))) if frac > 0 else 1
+    cfg = getattr(model, "cfg", None) or {}
+    frac = float(cfg.get("image_topk") or 0.0) if cfg.get("roi_score", "max") == "rule" else 0.0
+    # k counts pixels of what the model scores at once, the whole image or one tile, as the model counts its
+    # input's: a defect of a given size weighs the same with and without a region
+    tile = (cfg.get("tiling") or {}).get("tile_size")
+    area = min(tile[0], mask.shape[0]) * min(tile[1], mask.shape[1]) if tile else mask.size
+    k = min(inside.size, max(1, round(frac * area))) if frac > 0 else 1
     raw = float(np.partition(inside, inside.size - k)[inside.size - k:].mean()) if inside.size else 0.0
     c = _calibration(model)
     return Scored(raw_map, raw, np.where(mask, sc.norm_map, 0).astype(np.float32),

@@ -71,6 +71,8 @@ class AnomalyModel(nn.Module):
         if not 0 <= float(model_cfg.get("image_topk") or 0) < 1:
             raise UadkitError(f"config key 'Model.image_topk': expected a fraction in [0, 1), got "
                               f"{model_cfg['image_topk']!r}")
+        if model_cfg.get("roi_score", "max") not in ("rule", "max"):
+            raise UadkitError(f"config key 'Model.roi_score': expected rule or max, got {model_cfg['roi_score']!r}")
 
     @classmethod
     def check_train_config(cls, train_cfg: dict[str, Any]) -> None:

@@ -55,6 +55,7 @@ class PaDiM(AnomalyModel):
 
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
+        super().check_config(model_cfg)
         if model_cfg["feature_dim"] < 1:
             raise UadkitError(f"config key 'Model.feature_dim': expected a positive integer, "
                               f"got {model_cfg['feature_dim']}")

@@ -71,6 +71,7 @@ class PatchCore(AnomalyModel):
 
     @classmethod
     def check_config(cls, model_cfg: dict[str, Any]) -> None:
+        super().check_config(model_cfg)
         BankSearch(model_cfg.get("search", "exact"), int(model_cfg.get("search_ef", 16)))  # raises on bad keys
         ratio = model_cfg["coreset_ratio"]
         if not 0 < ratio <= 1:
