@@ -197,8 +197,9 @@ class AnomalyModel(nn.Module):
         `scored` picks which images to score (default all; the results follow its order). The maps (the
         smoothed raw maps, as `forward` gives them) come back averaged down to (len(scored), grid, grid), so
         they stay small: the held-out good maps engine/map_check.py inspects. This default refits a copy on
-        k-1 contiguous folds and scores the held-out fold; a model whose fit decomposes (PatchCore's
-        per-group coresets) overrides it with an equal, cheaper rule."""
+        k-1 contiguous folds (`fold_model`) and scores the held-out fold; a model whose fit decomposes
+        overrides `fold_model` (PaDiM's sums) or this method (PatchCore's per-group coresets) with an equal,
+        cheaper rule."""
         per_image = [f for b in batches for f in b.split(1)]
         n, bs = len(per_image), max(len(batches[0]), 1)
         scored = np.arange(n) if scored is None else np.asarray(scored)
@@ -208,17 +209,22 @@ class AnomalyModel(nn.Module):
             todo = np.intersect1d(fold, scored)
             if not len(todo):
                 continue
-            held = set(fold.tolist())
-            others = [per_image[i] for i in range(n) if i not in held]
-            clone = copy.deepcopy(self)
-            clone.fit(torch.cat(others[j:j + bs]) for j in range(0, len(others), bs))
-            clone.eval()
+            clone = self.fold_model(per_image, fold, bs).eval()
             for j in range(0, len(todo), bs):
                 ids = todo[j:j + bs].tolist()
                 amap, score = clone(images(ids).to(self.device))
                 scores[ids], maxima[ids] = score.cpu().numpy(), amap.flatten(1).amax(1).cpu().numpy()
                 maps.update(zip(ids, F.adaptive_avg_pool2d(amap.float(), grid)[:, 0].cpu().numpy()))
         return scores[scored], maxima[scored], np.stack([maps[i] for i in scored.tolist()])
+
+    def fold_model(self, per_image: list[torch.Tensor], held: np.ndarray, batch: int) -> AnomalyModel:
+        """A copy of this model fitted on the fitted images' features (`per_image`, one each) except `held`:
+        a refit of a copy by default; a model whose fit decomposes overrides it with an equal, cheaper rule."""
+        skip = set(held.tolist())
+        others = [f for i, f in enumerate(per_image) if i not in skip]
+        clone = copy.deepcopy(self)
+        clone.fit(torch.cat(others[j:j + batch]) for j in range(0, len(others), batch))
+        return clone
 
     @property
     def device(self) -> torch.device:

@@ -19,6 +19,7 @@ at 128 px: pixel 0.939 vs 0.903), so fixed stays the default and engine/map_chec
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -95,7 +96,8 @@ class PaDiM(AnomalyModel):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(images)
 
-    def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
+    def _sums(self, features: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per position, the float64 sum and sum of outer products of the features, and the image count."""
         s1 = s2 = None
         n = 0
         for e in features:
@@ -106,6 +108,33 @@ class PaDiM(AnomalyModel):
             xx = torch.einsum("pbi,pbj->pij", x, x)
             s2 = xx if s2 is None else s2 + xx
             n += b
+        return s1, s2, n
+
+    def fit(self, features: Iterable[torch.Tensor]) -> dict[str, Any]:
+        s1, s2, n = self._sums(features)
+        # kept until out-of-fold scoring: a fold's model is these sums minus the fold's own (fold_model)
+        self._fit_sums = (s1, s2.clone(), n) if n >= 2 else None
+        return self._fit_from_sums(s1, s2, n)
+
+    def fold_model(self, per_image: list[torch.Tensor], held, batch: int) -> AnomalyModel:
+        sums = getattr(self, "_fit_sums", None)
+        if sums is None or sums[2] != len(per_image):
+            return super().fold_model(per_image, held, batch)
+        ids = held.tolist()
+        f1, f2, m = self._sums(torch.cat([per_image[i] for i in ids[j:j + batch]]) for j in range(0, len(ids), batch))
+        clone = copy.copy(self)  # a shallow copy with its own Gaussians: backbone and channels are shared
+        clone._buffers = dict(self._buffers)
+        clone._fit_sums = None
+        clone._fit_from_sums(sums[0] - f1, sums[1] - f2, sums[2] - m)
+        return clone
+
+    def out_of_fold_scores(self, *args: Any, **kwargs: Any):
+        try:
+            return super().out_of_fold_scores(*args, **kwargs)
+        finally:
+            self._fit_sums = None  # ~330 MB at 256 px, needed by nothing after this
+
+    def _fit_from_sums(self, s1: torch.Tensor | None, s2: torch.Tensor | None, n: int) -> dict[str, Any]:
         if n < 2:
             raise UadkitError("PaDiM.fit: needs at least 2 training images")
         mean = s1 / n
