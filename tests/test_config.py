@@ -2,6 +2,7 @@ import pytest
 
 from uadkit.config import load_config, parse_override
 from uadkit.errors import UadkitError
+from uadkit.models import MODELS
 
 
 def test_defaults_file_and_overrides_merge_with_yaml_types():
@@ -62,3 +63,26 @@ def test_missing_or_invalid_config_file(tmp_path):
     bad.write_text("Global: [unclosed\n")
     with pytest.raises(UadkitError, match="not valid YAML"):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_models_config_file_states_its_code_defaults(name):
+    """configs/<Model>.yaml is what users read and `create_model(name)` is what the code does: a default
+    changed in one place and not the other fails here (the file may leave keys out, never contradict)."""
+    import yaml
+
+    from uadkit.config import schema_for
+
+    with open(f"configs/{name}.yaml", encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    schema = schema_for(name)
+
+    def walk(file_part, code_part, path):
+        for key, value in file_part.items():
+            if isinstance(value, dict) and isinstance(code_part.get(key), dict):
+                walk(value, code_part[key], f"{path}.{key}")
+            elif key in code_part and key not in ("mode", "dataset_dir", "output", "model"):
+                assert value == code_part[key], f"configs/{name}.yaml {path}.{key}: {value!r}, code {code_part[key]!r}"
+
+    for section in ("Global", "Model", "Train", "Evaluate", "Predict", "Export", "Calibrate"):
+        walk(data.get(section) or {}, schema[section], section)
