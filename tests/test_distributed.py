@@ -112,3 +112,15 @@ def test_a_rank_with_an_empty_share_of_the_last_batch_still_fits(demo_dir, tmp_p
     a, _ = load_model_dir(str(tmp_path / "one" / "best_model"))
     b, _ = load_model_dir(str(tmp_path / "two" / "best_model"))
     assert np.allclose(a.mean.numpy(), b.mean.numpy(), atol=1e-4)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_missing_gpus_fail_in_one_line_before_any_worker_starts(demo_dir, tmp_path):
+    """Global.device=gpu:0,1 on a CPU machine: the README's multi-GPU command says so in one line, exit 2."""
+    r = subprocess.run([sys.executable, "main.py", "-c", "configs/STFPM.yaml", "-o", f"Global.dataset_dir={demo_dir}",
+                        "-o", f"Global.output={tmp_path}", "-o", "Global.device=gpu:0,1", "-o", "Train.epochs_iters=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["uadkit: error: Global.device=gpu:0,1: no CUDA GPU is available here; "
+                                             "use Global.device=cpu"], r.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "train.log"))  # nothing was started

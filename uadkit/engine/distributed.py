@@ -130,6 +130,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable[[dict, DistContext], 
 
 def spawn(fn: Callable[[dict, DistContext], Any], cfg: dict, world: int) -> None:
     """Run fn(cfg, ctx) in `world` local processes; any worker failing stops them all."""
+    parse_devices(cfg["Global"]["device"])  # a device that is not there: one line here, not N failing workers
     try:
         mp.spawn(_worker, args=(world, _free_port(), fn, cfg), nprocs=world, join=True)
     except mp.ProcessRaisedException as e:
