@@ -115,7 +115,7 @@ def test_out_of_fold_scores_equal_a_manual_k_fold(name, demo_dir):
     model = build_model(name, cfg)
     _, feats = fit_distributed(model, samples, 2, torch.device("cpu"), keep_features=True)
     oof, oof_max, oof_maps = model.out_of_fold_scores(feats, image_loader(samples, model), folds=4)
-    assert getattr(model, "_fit_sums", None) is None  # PaDiM's fit sums (its fast folds) are freed after
+    assert getattr(model, "_fold_totals", None) is None  # PaDiM frees the totals its fast folds use
     folds = [[0, 1], [2, 3], [4, 5], [6, 7]]  # PatchCore: its coreset groups; PaDiM: 4 contiguous folds
     for held in folds:
         ref = build_model(name, cfg)

@@ -127,8 +127,8 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         raise UadkitError(f"Train.batch_size {bs} is the global batch: it must be >= the {ctx.world} processes")
     # channels-last: on 2 CPU cores an STFPM step (Lite0, batch 8, 256 px) took 0.50 s contiguous and 0.24 s
     # channels-last, its teacher 0.21 vs 0.06 s (depthwise convolutions); EfficientAD's plain ones 0.088 vs
-    # 0.082 s. Weights go back to the usual layout at the end (scoring may convert them again: the predictor
-    # scores channels-last); saving always writes the usual layout.
+    # 0.082 s. The model stays channels-last after training, as the predictor that calibrates it scores;
+    # saving writes the usual layout.
     model.to(device, memory_format=torch.channels_last)
     start, history = 0, []
     best: dict[str, Any] = {"epoch": None, "val_loss": math.inf, "state": None}
@@ -219,7 +219,6 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
                 save_model_dir(model, os.path.join(out, "checkpoints", f"epoch_{epoch + 1}"), train_state=state)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    model.to(memory_format=torch.contiguous_format)
     model.eval()
     with torch.no_grad():
         if ctx.is_main:  # only rank 0 calibrates and saves

@@ -20,7 +20,7 @@ from ..data.image_io import ImageSource, prepare_image, resolve_sources
 from ..data.tiling import Stitcher, blank_outside, roi_mask, tile_boxes, touches
 from ..errors import UadkitError
 from ..models import AnomalyModel
-from ..models.base import squash
+from ..models.base import squash, topk_count
 from .result import AnomalyResult
 
 log = logging.getLogger("uadkit")
@@ -46,10 +46,9 @@ def _calibration(model) -> torch.Tensor:
 
 def _layout(model: Any, batch: torch.Tensor) -> torch.Tensor:
     """A torch model scores channels-last: on 2 CPU cores (`model.scores` alone, 256 px, ms per image at
-    batch 1 / 8) EfficientAD
-    15.7 / 35.8 -> 6.7 / 13.8, STFPM 27.8 / 54.6 -> 13.1 / 37.4, PaDiM 34 / 35 -> 27 / 27, PatchCore 30 / 48
-    -> 31 / 41 (depthwise convolutions). Its weights are converted in place when they are not yet; saving
-    and export write the usual layout. Exported runtimes take the batch as it is."""
+    batch 1 / 8) EfficientAD 15.7 / 35.8 -> 6.7 / 13.8, STFPM 27.8 / 54.6 -> 13.1 / 37.4, PaDiM 34 / 35 ->
+    27 / 27, PatchCore 30 / 48 -> 31 / 41 (depthwise convolutions). Its weights are converted in place when
+    they are not yet; saving and export write the usual layout. Exported runtimes take the batch as it is."""
     if not isinstance(model, torch.nn.Module):
         return batch
     cl = torch.channels_last
@@ -132,7 +131,7 @@ def _apply_roi(model: AnomalyModel, sc: Scored, mask: np.ndarray) -> Scored:
     # input's: a defect of a given size weighs the same with and without a region
     tile = (cfg.get("tiling") or {}).get("tile_size")
     area = min(tile[0], mask.shape[0]) * min(tile[1], mask.shape[1]) if tile else mask.size
-    k = min(inside.size, max(1, round(frac * area))) if frac > 0 else 1
+    k = min(inside.size, topk_count(frac, area)) if frac > 0 else 1
     raw = float(np.partition(inside, inside.size - k)[inside.size - k:].mean()) if inside.size else 0.0
     c = _calibration(model)
     return Scored(raw_map, raw, np.where(mask, sc.norm_map, 0).astype(np.float32),

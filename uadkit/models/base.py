@@ -35,6 +35,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
 
 
+def topk_count(frac: float, area: int) -> int:
+    """How many of the highest map pixels `Model.image_topk` averages over `area` pixels (at least one)."""
+    return max(1, round(frac * area))
+
+
 def squash(x: torch.Tensor, threshold: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Two-sided logistic: sigmoid((x - t) / s), s = `low` below the threshold and `high` above it."""
     return torch.sigmoid((x - threshold) / torch.where(x < threshold, low, high))
@@ -108,7 +113,7 @@ class AnomalyModel(nn.Module):
         if frac <= 0:
             return flat.amax(1)
         h, w = self.input_size  # the map's size as plain ints (an exported graph traces shapes as tensors)
-        return flat.topk(max(1, round(frac * h * w)), dim=1).values.mean(1)
+        return flat.topk(topk_count(frac, h * w), dim=1).values.mean(1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amap = gaussian_blur(self.raw_map(images), self.smoothing_sigma)
