@@ -117,6 +117,11 @@ def test_auto_run_mode_picks_the_models_preferred_runtime(exported):
     want = RUNTIMES[exported.model.preferred_runtime]
     scorer = det.scorer()
     assert (scorer is det.model) if want.artefact is None else scorer.path.endswith(want.artefact)
+    # on a GPU auto is torch, the one runtime that runs there without extra packages (tests/test_gpu.py runs it)
+    from uadkit.runtimes import resolve_run_mode
+
+    assert [resolve_run_mode("auto", exported.model, d).name for d in ("gpu", "gpu:1", "cuda:0", "cpu")] == \
+        ["torch", "torch", "torch", exported.model.preferred_runtime]
 
 
 def test_onnxruntime_gpu_needs_its_cuda_provider():

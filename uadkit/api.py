@@ -132,7 +132,7 @@ class AnomalyDetector:
         (exported on first use if the model folder has none)."""
         from .runtimes import resolve_run_mode
 
-        spec = resolve_run_mode(self.cfg["Predict"]["run_mode"], self.model)
+        spec = resolve_run_mode(self.cfg["Predict"]["run_mode"], self.model, self.cfg["Global"]["device"])
         if spec.artefact is None:
             return self.model
         if self._runtime is None or self._runtime_mode != spec.name:

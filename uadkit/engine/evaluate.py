@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import metrics
 from ..data.formats import load_index
@@ -54,8 +55,11 @@ def evaluate(model: AnomalyModel, cfg: dict[str, Any], scorer=None) -> dict[str,
     thr_norm = cfg["Predict"]["threshold"] or 0.5
     it_raw, pt_raw = raw_threshold(model, thr_norm)
     has_masks = any(s.mask for s in samples if s.label)
+    scorer = scorer or model
+    if isinstance(scorer, torch.nn.Module):  # the torch runtime scores on Global.device (exported ones on the CPU)
+        scorer.to(device)
     scores, labels, maxima, maps, masks = collect_scores(
-        scorer or model, samples, device, cfg["Evaluate"]["batch_size"], "evaluating", keep_maps=has_masks)
+        scorer, samples, device, cfg["Evaluate"]["batch_size"], "evaluating", keep_maps=has_masks)
     labels = labels.astype(bool)
     res: dict[str, Any] = {"model": model.name, "dataset": os.path.abspath(index.root), "dataset_type": index.type,
                            "num_images": len(samples), "num_anomalous": int(labels.sum()),

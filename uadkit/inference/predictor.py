@@ -5,6 +5,7 @@ Training-time calibration, evaluation, the CLI, the pipeline and the service all
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,16 @@ def _layout(model: Any, batch: torch.Tensor) -> torch.Tensor:
     return batch.contiguous(memory_format=cl)
 
 
+def _full_fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Scoring on a GPU runs cuDNN's convolutions in full fp32, not TF32 (torch's default for them): the
+    calibrated thresholds then mean the same on a GPU as on the CPU and in the exported runtimes. Training
+    keeps TF32."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    b = torch.backends.cudnn
+    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
+
+
 @torch.no_grad()
 def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torch.device,
                  with_raw: bool = True) -> list[Scored]:
@@ -66,6 +77,12 @@ def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torc
     every caller and every runtime applies them the same way."""
     if not images:
         return []
+    with _full_fp32(torch.device(device)):
+        return _score_images(model, images, torch.device(device), with_raw)
+
+
+def _score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torch.device,
+                  with_raw: bool) -> list[Scored]:
     cfg = getattr(model, "cfg", None) or {}
     tiling, roi = cfg.get("tiling"), cfg.get("roi")
     masks = [roi_mask(roi, im.shape[:2]) for im in images]

@@ -1,0 +1,94 @@
+"""The GPU paths (`Global.device=gpu`): every registered model trained, predicted, saved and reloaded on a CUDA
+GPU, and the CLI's modes there. Skipped where torch sees no CUDA GPU (CI's machines); run on a GPU machine
+with `pytest tests/test_gpu.py`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from uadkit import create_model
+from uadkit.cli import main
+from uadkit.data.demo import make_demo_dataset
+from uadkit.data.image_io import list_images
+from uadkit.errors import UadkitError
+from uadkit.models import MODELS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def gpu_demo(tmp_path_factory) -> str:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo_gpu"), n_train=12, n_test_good=3, n_test_defect=3,
+                             size=64, n_val=8)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_trains_on_the_gpu_and_scores_as_on_the_cpu(name, gpu_demo, tmp_path):
+    det = create_model(name, input_size=[64, 64], device="gpu")  # run_mode auto: torch on a GPU
+    res = det.train(dataset_dir=gpu_demo, output=str(tmp_path / "o"), epochs_iters=2, batch_size=4)
+    assert res["done_flag"] and "cuda" in str(next(iter(det.model.state_dict().values())).device)
+    test_dir = os.path.join(gpu_demo, "test")
+    on_gpu = list(det.predict(test_dir, batch_size=4))
+    assert det.scorer() is det.model  # auto picked torch: the exported runtimes run on the CPU
+    # the saved folder loads anywhere: the same weights on the CPU give the same scores and decisions
+    on_cpu = list(create_model(model_dir=det.model_dir, device="cpu", run_mode="torch").predict(test_dir,
+                                                                                                 batch_size=4))
+    g = np.array([r["raw_score"] for r in on_gpu])
+    c = np.array([r["raw_score"] for r in on_cpu])
+    assert np.allclose(g, c, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(c).max()))), (g, c)
+    assert [r["pred_label"] for r in on_gpu] == [r["pred_label"] for r in on_cpu]
+    assert all(np.allclose(x["anomaly_map"], y["anomaly_map"], atol=1e-3) for x, y in zip(on_gpu, on_cpu))
+    # and a CPU-trained folder loads onto the GPU
+    back = list(create_model(model_dir=det.model_dir, device="gpu:0").predict(test_dir, batch_size=4))
+    assert np.allclose([r["raw_score"] for r in back], g, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_modes_run_on_the_gpu(gpu_demo, tmp_path):
+    out = str(tmp_path / "o")
+    base = ["-c", "configs/STFPM.yaml", "-o", f"Global.dataset_dir={gpu_demo}", "-o", f"Global.output={out}",
+            "-o", "Global.device=gpu:0", "-o", "Model.input_size=[64,64]", "-o", "Train.epochs_iters=2",
+            "-o", "Train.batch_size=4"]
+    for mode in ("train", "evaluate", "export"):
+        assert main([*base, "-o", f"Global.mode={mode}"]) == 0, mode
+    ev = json.load(open(os.path.join(out, "evaluate_result.json")))
+    assert 0.0 <= ev["image"]["auroc"] <= 1.0 and ev["num_anomalous"] == 6  # 3 of each of the 2 defect kinds
+    test_dir = os.path.join(gpu_demo, "test")
+    assert main([*base, "-o", "Global.mode=predict", "-o", f"Predict.input={test_dir}", "-o",
+                 "Predict.batch_size=4"]) == 0
+    summary = json.load(open(os.path.join(out, "predict", "predict_result.json")))
+    assert len(summary) == len(list_images(test_dir)) == 9 and all("pred_score" in r for r in summary)
+    # resume on the GPU from the last checkpoint
+    assert main([*base, "-o", "Global.mode=train", "-o", "Train.epochs_iters=3", "-o",
+                 f"Train.resume_path={os.path.join(out, 'checkpoints', 'last')}"]) == 0
+    hist = json.load(open(os.path.join(out, "train_result.json")))["train"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def cpu_trained(gpu_demo, tmp_path_factory) -> str:
+    det = create_model("STFPM", input_size=[64, 64], device="cpu")
+    det.train(dataset_dir=gpu_demo, output=str(tmp_path_factory.mktemp("cpu_trained")), epochs_iters=1, batch_size=4)
+    return det.model_dir
+
+
+@pytest.mark.parametrize("run_mode", ["onnxruntime", "openvino"])
+def test_exported_runtimes_on_the_gpu_run_there_or_say_what_to_use(run_mode, cpu_trained, gpu_demo):
+    pytest.importorskip(run_mode)
+    import onnxruntime
+
+    test_dir = os.path.join(gpu_demo, "test")
+    det = create_model(model_dir=cpu_trained, device="gpu", run_mode=run_mode)
+    if run_mode == "onnxruntime" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        ref = list(create_model(model_dir=cpu_trained, device="cpu", run_mode="torch").predict(test_dir))
+        got = list(det.predict(test_dir))
+        assert np.allclose([r["raw_score"] for r in got], [r["raw_score"] for r in ref], rtol=1e-4, atol=1e-6)
+        return
+    # OpenVINO runs on the CPU here; ONNX Runtime without its CUDA provider names the package
+    with pytest.raises(UadkitError, match="run_mode torch") as e:
+        list(det.predict(test_dir))
+    assert "\n" not in str(e.value)
