@@ -108,3 +108,10 @@ def test_student_sees_as_far_as_its_teacher():
 def test_bad_values_name_their_key(key, value):
     with pytest.raises(UadkitError, match=f"Model.{key}"):
         create_model("EfficientAD", input_size=[64, 64], **{key: value}).model  # noqa: B018
+
+
+def test_a_teacher_stage_deeper_than_the_student_is_refused_in_one_line():
+    with pytest.raises(UadkitError, match=r"'Model.layers': stage4 has stride 16.*default stage2, stage3") as e:
+        create_model("EfficientAD", input_size=[64, 64], layers=["stage3", "stage4"]).model  # noqa: B018
+    assert "\n" not in str(e.value)
+    assert create_model("EfficientAD", input_size=[64, 64], layers=["stage3"]).model.channels == 40

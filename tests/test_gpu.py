@@ -92,3 +92,27 @@ def test_exported_runtimes_on_the_gpu_run_there_or_say_what_to_use(run_mode, cpu
     with pytest.raises(UadkitError, match="run_mode torch") as e:
         list(det.predict(test_dir))
     assert "\n" not in str(e.value)
+
+
+def test_gpu_workers_join_a_group_that_takes_cpu_and_cuda_collectives(monkeypatch):
+    """Multi-GPU training sums epoch losses and gathers fitted features as CPU tensors, and DDP averages
+    gradients as CUDA ones: the group a worker joins must take both. One GPU here, so one rank."""
+    import torch.distributed as dist
+
+    from uadkit.engine.distributed import _free_port, init_from_env
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    ctx = init_from_env({"Global": {"device": "gpu:0", "dist_timeout_s": 60}})
+    try:
+        assert ctx.device.type == "cuda"
+        sums = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        dist.all_reduce(sums)  # DistContext.sum's tensor
+        parts: list = [None]
+        dist.gather_object(torch.ones(2, 3), parts, dst=0)  # gather_in_order's
+        grads = torch.ones(3, device=ctx.device)
+        dist.all_reduce(grads)  # DDP's
+        assert sums.tolist() == [1.0, 2.0] and parts[0].shape == (2, 3) and float(grads.sum()) == 3.0
+    finally:
+        dist.destroy_process_group()

@@ -97,7 +97,9 @@ def init_from_env(cfg: dict) -> DistContext:
     if gpu:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world,
+        # on GPUs, NCCL for CUDA tensors (DDP's gradients) and gloo for CPU ones (the epoch's loss sums, fitted
+        # features gathered in order): a plain NCCL group refuses CPU tensors
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=cfg["Global"]["dist_timeout_s"]))
     if not gpu:
         # N processes share the cores: give each its slice rather than N x all of them.

@@ -123,7 +123,14 @@ class EfficientAD(AnomalyModel):
         super().__init__(model_cfg)
         self.check_config(model_cfg)
         # the backbone's stride-4 and stride-8 stages (Lite0: stage2 + stage3, 64 channels, 67 px receptive field)
-        self.teacher = self.frozen_backbone(backbone_info(model_cfg["backbone"]).stfpm_stages[:2], pretrained)
+        default = backbone_info(model_cfg["backbone"]).stfpm_stages[:2]
+        self.teacher = self.frozen_backbone(default, pretrained)
+        deep = [(n, s) for n, s in zip(self.cfg["layers"], self.teacher.strides) if s > 8]
+        if deep:
+            # measured: a stride-16 teacher stage (hundreds of px seen) left the student's map at chance on screw
+            raise UadkitError(f"config key 'Model.layers': {deep[0][0]} has stride {deep[0][1]}; EfficientAD's "
+                              f"student works at stride 8 and cannot predict deeper stages: use stages of stride "
+                              f"4 or 8 (default {', '.join(default)})")
         c = sum(self.teacher.channels)
         self.channels = c
         self.student = student_pdn(2 * c, int(model_cfg["student_width"]))
