@@ -50,6 +50,9 @@ class PaDiM(AnomalyModel):
     name = "PaDiM"
     trainable = False
     position_tied = True  # a Gaussian per feature-map position: tiles at different places would share one
+    # bench_runtime on screw, end to end b1 / b8: OpenVINO 58.8 / 93.8 img/s, ONNX Runtime 43.0 / 69.8, torch 26.4
+    # / 25.8, equal scores (since the distance is a batched matrix product in the graph: see raw_map)
+    preferred_runtime = "openvino"
     # Model.covariance: see the module docstring (measured on generated dark parts and on mvtec_screw).
     model_defaults = {"feature_dim": 100, "covariance": "fixed", "covariance_eps": 0.01}
     train_defaults = {"batch_size": 8}
@@ -88,9 +91,12 @@ class PaDiM(AnomalyModel):
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
         e = self.embed(images)
         b, d, h, w = e.shape
-        x = e.permute(0, 2, 3, 1).reshape(b, h * w, d) - self.mean
-        m = torch.einsum("bpi,pij,bpj->bp", x, self.inv_cov, x).clamp_min(0).sqrt()
-        return F.interpolate(m.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        x = e.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]  # (P, B, d)
+        # a batched matrix product per position, not a three-operand einsum: the same numbers, and OpenVINO
+        # compiled the einsum's graph into 13.5 GB
+        m = (torch.bmm(x, self.inv_cov) * x).sum(-1).clamp_min(0).sqrt()  # (P, B)
+        return F.interpolate(m.t().reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear",
+                             align_corners=False)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
