@@ -262,3 +262,25 @@ def test_evaluate_reports_the_decision_and_draws_the_roc(patchcore_run, demo_dir
 
     with Image.open(ev["artifacts"]["roc_curve"]) as im:
         assert im.size[0] > 300 and im.getextrema() != ((255, 255), (255, 255), (255, 255))
+
+
+def test_without_the_serve_extra_calibrate_runs_and_recording_says_what_to_install(trained, demo_dir, tmp_path):
+    """The base install has no sqlalchemy: recalibrating from a folder needs none, and asking to record
+    decisions names the extra in one line (exit 2), not a ModuleNotFoundError traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    model_dir = shutil.copytree(os.path.join(trained, "best_model"), tmp_path / "m")
+    block = "import sys; sys.modules['sqlalchemy'] = None; from uadkit.cli import main; sys.exit(main(sys.argv[1:]))"
+    base = [sys.executable, "-c", block, "-c", "configs/STFPM.yaml", "-o", f"Global.output={tmp_path / 'o'}"]
+    r = subprocess.run([*base, "-o", "Global.mode=calibrate", "-o", f"Global.dataset_dir={demo_dir}",
+                        "-o", f"Calibrate.model_dir={model_dir}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "recalibrated_on" in open(model_dir / "model.yaml").read()
+    r = subprocess.run([*base, "-o", "Global.mode=predict", "-o", f"Predict.model_dir={model_dir}", "-o",
+                        f"Predict.input={demo_dir}/test", "-o", "Predict.record=true"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert r.stderr.strip().splitlines()[-1].endswith("needs sqlalchemy: pip install -e .[serve]  "
+                                                      "(scripts/setup.sh installs it)")

@@ -110,8 +110,10 @@ def test_bad_values_name_their_key(key, value):
         create_model("EfficientAD", input_size=[64, 64], **{key: value}).model  # noqa: B018
 
 
-def test_a_teacher_stage_deeper_than_the_student_is_refused_in_one_line():
+def test_a_teacher_stage_deeper_than_the_student_is_refused_in_one_line(demo, tmp_path):
+    det = create_model("EfficientAD", input_size=[64, 64], layers=["stage3", "stage4"])
+    assert det.model.channels == 120  # it builds (and a folder saved with such a teacher loads): training refuses
     with pytest.raises(UadkitError, match=r"'Model.layers': stage4 has stride 16.*default stage2, stage3") as e:
-        create_model("EfficientAD", input_size=[64, 64], layers=["stage3", "stage4"]).model  # noqa: B018
+        det.train(dataset_dir=demo, output=str(tmp_path / "o"), epochs_iters=1, batch_size=4)
     assert "\n" not in str(e.value)
-    assert create_model("EfficientAD", input_size=[64, 64], layers=["stage3"]).model.channels == 40
+    assert not (tmp_path / "o" / "best_model").exists()

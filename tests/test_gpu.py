@@ -1,6 +1,6 @@
 """The GPU paths (`Global.device=gpu`): every registered model trained, predicted, saved and reloaded on a CUDA
-GPU, and the CLI's modes there. Skipped where torch sees no CUDA GPU (CI's machines); run on a GPU machine
-with `pytest tests/test_gpu.py`."""
+GPU, and the CLI's modes there. The GPU tests are skipped where torch sees no CUDA GPU (CI's machines); run them
+on a GPU machine with `pytest tests/test_gpu.py`. The precision switch's bookkeeping runs everywhere."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from uadkit.data.image_io import list_images
 from uadkit.errors import UadkitError
 from uadkit.models import MODELS
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def gpu_demo(tmp_path_factory) -> str:
                              size=64, n_val=8)
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_trains_on_the_gpu_and_scores_as_on_the_cpu(name, gpu_demo, tmp_path):
     det = create_model(name, input_size=[64, 64], device="gpu")  # run_mode auto: torch on a GPU
@@ -43,17 +44,15 @@ def test_every_registered_model_trains_on_the_gpu_and_scores_as_on_the_cpu(name,
     assert np.allclose(g, c, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(c).max()))), (g, c)
     assert [r["pred_label"] for r in on_gpu] == [r["pred_label"] for r in on_cpu]
     assert all(np.allclose(x["anomaly_map"], y["anomaly_map"], atol=1e-3) for x, y in zip(on_gpu, on_cpu))
-    # and a CPU-trained folder loads onto the GPU
-    back = list(create_model(model_dir=det.model_dir, device="gpu:0").predict(test_dir, batch_size=4))
-    assert np.allclose([r["raw_score"] for r in back], g, rtol=1e-5, atol=1e-6)
 
 
+@needs_gpu
 def test_cli_modes_run_on_the_gpu(gpu_demo, tmp_path):
     out = str(tmp_path / "o")
     base = ["-c", "configs/STFPM.yaml", "-o", f"Global.dataset_dir={gpu_demo}", "-o", f"Global.output={out}",
             "-o", "Global.device=gpu:0", "-o", "Model.input_size=[64,64]", "-o", "Train.epochs_iters=2",
             "-o", "Train.batch_size=4"]
-    for mode in ("train", "evaluate", "export"):
+    for mode in ("train", "evaluate", "export", "calibrate"):
         assert main([*base, "-o", f"Global.mode={mode}"]) == 0, mode
     ev = json.load(open(os.path.join(out, "evaluate_result.json")))
     assert 0.0 <= ev["image"]["auroc"] <= 1.0 and ev["num_anomalous"] == 6  # 3 of each of the 2 defect kinds
@@ -76,10 +75,22 @@ def cpu_trained(gpu_demo, tmp_path_factory) -> str:
     return det.model_dir
 
 
+@needs_gpu
+def test_a_cpu_trained_folder_scores_on_the_gpu_as_on_the_cpu(cpu_trained, gpu_demo):
+    test_dir = os.path.join(gpu_demo, "test")
+    cpu = [r["raw_score"] for r in create_model(model_dir=cpu_trained, device="cpu", run_mode="torch").predict(
+        test_dir, batch_size=4)]
+    gpu = create_model(model_dir=cpu_trained, device="gpu:0")
+    got = [r["raw_score"] for r in gpu.predict(test_dir, batch_size=4)]
+    assert gpu.scorer() is gpu.model and gpu.model.device.type == "cuda"
+    assert np.allclose(got, cpu, rtol=1e-4, atol=1e-6), (got, cpu)
+
+
+@needs_gpu
 @pytest.mark.parametrize("run_mode", ["onnxruntime", "openvino"])
 def test_exported_runtimes_on_the_gpu_run_there_or_say_what_to_use(run_mode, cpu_trained, gpu_demo):
     pytest.importorskip(run_mode)
-    import onnxruntime
+    onnxruntime = pytest.importorskip("onnxruntime")
 
     test_dir = os.path.join(gpu_demo, "test")
     det = create_model(model_dir=cpu_trained, device="gpu", run_mode=run_mode)
@@ -94,6 +105,7 @@ def test_exported_runtimes_on_the_gpu_run_there_or_say_what_to_use(run_mode, cpu
     assert "\n" not in str(e.value)
 
 
+@needs_gpu
 def test_gpu_workers_join_a_group_that_takes_cpu_and_cuda_collectives(monkeypatch):
     """Multi-GPU training sums epoch losses and gathers fitted features as CPU tensors, and DDP averages
     gradients as CUDA ones: the group a worker joins must take both. One GPU here, so one rank."""
@@ -116,3 +128,27 @@ def test_gpu_workers_join_a_group_that_takes_cpu_and_cuda_collectives(monkeypatc
         assert sums.tolist() == [1.0, 2.0] and parts[0].shape == (2, 3) and float(grads.sum()) == 3.0
     finally:
         dist.destroy_process_group()
+
+
+def test_full_fp32_stays_on_while_any_thread_scores_and_is_restored_after_the_last():
+    """The precision flags are process-wide; two overlapping scorers (threads of one service or two
+    detectors) must not switch them back under each other or leave them switched. Flags only: runs anywhere."""
+    from uadkit.engine.device import _precision_flags, full_fp32
+
+    flags = _precision_flags()
+    before = [getattr(obj, name) for obj, name, _ in flags]
+    fp32 = [value for _, _, value in flags]
+    current = lambda: [getattr(obj, name) for obj, name, _ in flags]  # noqa: E731
+    with full_fp32("cpu"):
+        assert current() == before  # nothing to do on the CPU
+    a, b = full_fp32(torch.device("cuda")), full_fp32("cuda:0")
+    a.__enter__()
+    assert current() == fp32
+    b.__enter__()
+    a.__exit__(None, None, None)  # the first one leaves while the second still scores
+    assert current() == fp32
+    b.__exit__(None, None, None)
+    assert current() == before
+    with pytest.raises(ValueError), full_fp32("cuda"):  # an error inside still restores them
+        raise ValueError
+    assert current() == before

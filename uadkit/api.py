@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,8 @@ from .errors import UadkitError
 from .inference.predictor import Predictor
 from .inference.result import AnomalyResult
 from .models import AnomalyModel, build_model
+
+log = logging.getLogger("uadkit")
 
 
 def apply_kwargs(cfg: dict, kwargs: dict[str, Any], prefer: tuple[str, ...]) -> dict:
@@ -138,7 +141,8 @@ class AnomalyDetector:
         if self._runtime is None or self._runtime_mode != spec.name:
             if not self.model_dir:
                 raise UadkitError(f"run_mode {spec.name} needs a saved model: train it or load it from a model_dir")
-            if not os.path.isfile(os.path.join(self.model_dir, "inference", spec.artefact)):
+            if not os.path.isfile(os.path.join(self.model_dir, "inference", spec.artefact)) or _stale_graph(
+                    self.model_dir, self.model):
                 from .engine.export import export_onnx
 
                 export_onnx(self.model, self.model_dir, self.cfg["Export"]["opset"])
@@ -184,7 +188,20 @@ class AnomalyDetector:
             raise UadkitError(f"this {self.name} model is not trained; nothing to evaluate")
         from .runtimes import load_runtime
 
-        return evaluate(self.model, cfg, load_runtime(cfg["Evaluate"]["run_mode"], self.model_dir, self.model))
+        return evaluate(self.model, cfg, load_runtime(cfg["Evaluate"]["run_mode"], self.model_dir, self.model,
+                                                      cfg["Global"]["device"]))
+
+
+def _stale_graph(model_dir: str, model: AnomalyModel) -> bool:
+    """The exported graph predates the model's current formulation (same results, slower or larger)."""
+    from .runtimes.base import inference_info
+
+    info = inference_info(model_dir)
+    if int(info.get("graph_version", 1)) >= type(model).graph_version:
+        return False
+    log.info("%s: exported graph version %s is older than %s's %d: exporting again", model_dir,
+             info.get("graph_version", 1), model.name, type(model).graph_version)
+    return True
 
 
 def _train_worker(cfg: dict[str, Any], ctx) -> None:

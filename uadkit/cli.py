@@ -103,7 +103,7 @@ def run_evaluate(cfg: dict) -> dict[str, Any]:
 
     model_dir = _model_dir(cfg, "Evaluate")
     model, _ = load_model_dir(model_dir)
-    return evaluate(model, cfg, load_runtime(cfg["Evaluate"]["run_mode"], model_dir, model))
+    return evaluate(model, cfg, load_runtime(cfg["Evaluate"]["run_mode"], model_dir, model, cfg["Global"]["device"]))
 
 
 def _predict_shard(cfg: dict, ctx) -> list[dict[str, Any]] | None:

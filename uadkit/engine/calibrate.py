@@ -121,8 +121,7 @@ def refit_and_save(cfg: dict, model: AnomalyModel, meta: dict[str, Any], model_d
                    origin: str, check_samples: list[Sample], device: torch.device) -> dict[str, Any]:
     """The scoring-free part of recalibration, shared by the folder and the record-store sources: re-fit the
     thresholds from raw scores, write the model atomically to `out_dir` and report before/after."""
-    from ..serving.records import model_version
-    from .checkpoint import save_model_dir
+    from .checkpoint import model_version, save_model_dir
 
     c = cfg["Calibrate"]
     old = model.calibration.clone()

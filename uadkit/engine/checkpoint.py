@@ -7,6 +7,7 @@ leaves a half-written `best_model/`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -128,3 +129,17 @@ def load_train_state(path: str) -> dict[str, Any]:
         raise UadkitError(f"Train.resume_path '{path}': no {TRAIN_STATE} in it (expected a checkpoint folder "
                           "written by training, e.g. output/checkpoints/last)")
     return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def model_version(model_dir: str) -> str:
+    """A hash of the model folder's files (names and contents): a new calibration is a new version."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(model_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, model_dir).encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]

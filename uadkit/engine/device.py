@@ -1,6 +1,11 @@
-"""`Global.device` strings (cpu, gpu, gpu:0, gpu:0,1) -> torch devices."""
+"""`Global.device` strings (cpu, gpu, gpu:0, gpu:0,1) -> torch devices; full fp32 while scoring on a GPU."""
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -28,3 +33,43 @@ def parse_devices(spec: str) -> list[torch.device]:
 
 def main_device(spec: str) -> torch.device:
     return parse_devices(spec)[0]
+
+
+_fp32_lock = threading.Lock()
+_fp32_users = 0
+_fp32_saved: list[tuple[Any, str, Any]] = []
+
+
+def _precision_flags() -> list[tuple[Any, str, Any]]:
+    """(object, attribute, full-fp32 value) for GPU convolutions and matrix products."""
+    b = torch.backends
+    if hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9: the API torch asks for
+        return [(b.cudnn.conv, "fp32_precision", "ieee"), (b.cuda.matmul, "fp32_precision", "ieee")]
+    return [(b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False)]
+
+
+@contextlib.contextmanager
+def full_fp32(device: torch.device | str) -> Iterator[None]:
+    """Scoring on a GPU in full fp32, not TF32 (torch's default for convolutions): the calibrated thresholds
+    then mean the same on a GPU as on the CPU and in the exported runtimes (on an H100 TF32 moved normalised
+    scores by up to 0.0055, fp32 by 3e-6). The flags are process-wide: they stay set while any thread is
+    inside and are restored when the last one leaves. Training outside keeps TF32."""
+    global _fp32_users, _fp32_saved
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    with _fp32_lock:
+        if _fp32_users == 0:
+            flags = _precision_flags()
+            _fp32_saved = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+            for obj, name, value in flags:
+                setattr(obj, name, value)
+        _fp32_users += 1
+    try:
+        yield
+    finally:
+        with _fp32_lock:
+            _fp32_users -= 1
+            if _fp32_users == 0:
+                for obj, name, value in reversed(_fp32_saved):
+                    setattr(obj, name, value)

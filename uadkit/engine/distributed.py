@@ -1,4 +1,5 @@
-"""Several processes on PyTorch's own engine (torch.distributed): gloo on CPU, nccl on GPUs.
+"""Several processes on PyTorch's own engine (torch.distributed): gloo on CPU; on GPUs nccl for CUDA tensors and
+gloo for CPU ones.
 
 - `Global.num_processes=N` on CPU, or `Global.device=gpu:0,1`, makes the CLI/API spawn one worker per
   process/device on this machine (rendezvous on 127.0.0.1, a free port).

@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import metrics
 from ..data.formats import load_index
@@ -55,9 +54,8 @@ def evaluate(model: AnomalyModel, cfg: dict[str, Any], scorer=None) -> dict[str,
     thr_norm = cfg["Predict"]["threshold"] or 0.5
     it_raw, pt_raw = raw_threshold(model, thr_norm)
     has_masks = any(s.mask for s in samples if s.label)
-    scorer = scorer or model
-    if isinstance(scorer, torch.nn.Module):  # the torch runtime scores on Global.device (exported ones on the CPU)
-        scorer.to(device)
+    # on Global.device: a CPU-only runtime asked for a GPU says so in one line, as predict does
+    scorer = (scorer or model).to(device)
     scores, labels, maxima, maps, masks = collect_scores(
         scorer, samples, device, cfg["Evaluate"]["batch_size"], "evaluating", keep_maps=has_masks)
     labels = labels.astype(bool)

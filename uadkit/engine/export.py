@@ -67,7 +67,7 @@ def export_onnx(model: AnomalyModel, model_dir: str, opset: int = 17) -> str:
         info: dict[str, Any] = {
             "model": model.name, "uadkit_version": __version__, "input_size": list(model.input_size),
             "input": "float32 RGB (batch, 3, height, width) in [0, 1]; normalisation is inside the graph",
-            "outputs": outputs, "opset": opset,
+            "outputs": outputs, "opset": opset, "graph_version": type(model).graph_version,
             "calibration": {k: float(v) for k, v in zip(CALIBRATION_KEYS, model.calibration)},
             "Model": model.cfg,
         }

@@ -27,7 +27,7 @@ from ..errors import UadkitError
 from ..models import AnomalyModel
 from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
 from .checkpoint import load_train_state, save_model_dir
-from .device import main_device
+from .device import full_fp32, main_device
 from .distributed import SINGLE, DistContext
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
 from .map_check import GRID, check_alignment, check_good_maps
@@ -265,13 +265,26 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     oof = not model.trainable and c["out_of_fold"] and whole and _features_fit_in_cache(model, index, device)
     fit_samples = index.train + ([s for s in index.val if not s.label] if oof else [])
     t0 = time.time()
+    feats = None
     if model.trainable:
         info = train_gradient(model, index, cfg, out, device, ctx)
     else:
-        info, feats = fit_distributed(model, fit_samples, cfg["Train"]["batch_size"], device, ctx, keep_features=oof)
+        with full_fp32(device):  # a fit pass extracts features as scoring will
+            info, feats = fit_distributed(model, fit_samples, cfg["Train"]["batch_size"], device, ctx,
+                                          keep_features=oof)
     fit_s = time.time() - t0
     if not ctx.is_main:
         return None
+    with full_fp32(device):  # calibration scores as prediction will (out-of-fold scores do not pass score_images)
+        return _calibrate_and_save(model, index, cfg, device, info, feats, oof, fit_samples, fit_s)
+
+
+def _calibrate_and_save(model: AnomalyModel, index: DatasetIndex, cfg: dict, device: torch.device, info: dict,
+                        feats: list[torch.Tensor] | None, oof: bool, fit_samples: list[Sample],
+                        fit_s: float) -> dict[str, Any]:
+    """Calibrate the fitted model, save best_model/ and write the run records (rank 0)."""
+    out = cfg["Global"]["output"]
+    c = cfg["Train"]["calibration"]
     t1 = time.time()
     # position-tied models: are the parts where their statistics expect them? (None for other models)
     alignment = check_alignment([s.path for s in index.train], model)
@@ -282,7 +295,8 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
         scored = np.unique(np.linspace(0, n_fit - 1, min(n_fit, cap)).round().astype(int))
         good_s, good_m, good_maps = model.out_of_fold_scores(feats, image_loader(fit_samples, model),
                                                              scored=scored, grid=GRID)
-        del feats
+        if feats is not None:
+            feats.clear()  # the cached features (up to FEATURE_CACHE_LIMIT), also the caller's reference to them
         bad = [s for s in index.val if s.label]
         bad_s = collect_scores(model, bad, device, cfg["Evaluate"]["batch_size"], "calibrating")[0] if bad else None
         cal = calibrate_model(model, cfg, device, good_s, good_m, bad_s, "out_of_fold",

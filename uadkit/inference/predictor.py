@@ -5,7 +5,6 @@ Training-time calibration, evaluation, the CLI, the pipeline and the service all
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DEFAULT_MAX_PIXELS
 from ..data.image_io import ImageSource, prepare_image, resolve_sources
 from ..data.tiling import Stitcher, blank_outside, roi_mask, tile_boxes, touches
+from ..engine.device import full_fp32
 from ..errors import UadkitError
 from ..models import AnomalyModel
 from ..models.base import squash, topk_count
@@ -58,16 +58,6 @@ def _layout(model: Any, batch: torch.Tensor) -> torch.Tensor:
     return batch.contiguous(memory_format=cl)
 
 
-def _full_fp32(device: torch.device) -> contextlib.AbstractContextManager:
-    """Scoring on a GPU runs cuDNN's convolutions in full fp32, not TF32 (torch's default for them): the
-    calibrated thresholds then mean the same on a GPU as on the CPU and in the exported runtimes. Training
-    keeps TF32."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    b = torch.backends.cudnn
-    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
-
-
 @torch.no_grad()
 def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torch.device,
                  with_raw: bool = True) -> list[Scored]:
@@ -77,7 +67,7 @@ def score_images(model: AnomalyModel, images: Sequence[np.ndarray], device: torc
     every caller and every runtime applies them the same way."""
     if not images:
         return []
-    with _full_fp32(torch.device(device)):
+    with full_fp32(device):
         return _score_images(model, images, torch.device(device), with_raw)
 
 

@@ -54,6 +54,9 @@ class AnomalyModel(nn.Module):
     trainable: ClassVar[bool] = False  # True: gradient training loop; False: one `fit` pass over features
     # the runtime `Predict.run_mode: auto` picks: the fastest one measured at equal results (bench_runtime.py)
     preferred_runtime: ClassVar[str] = "onnxruntime"
+    # raised when the exported graph's formulation changes (its results do not): folders exported with an
+    # older one are exported again on first use (inference.yml's graph_version)
+    graph_version: ClassVar[int] = 1
     position_tied: ClassVar[bool] = False  # statistics per map position: cannot share one model over tiles
 
     def __init__(self, model_cfg: dict[str, Any]) -> None:

@@ -123,14 +123,7 @@ class EfficientAD(AnomalyModel):
         super().__init__(model_cfg)
         self.check_config(model_cfg)
         # the backbone's stride-4 and stride-8 stages (Lite0: stage2 + stage3, 64 channels, 67 px receptive field)
-        default = backbone_info(model_cfg["backbone"]).stfpm_stages[:2]
-        self.teacher = self.frozen_backbone(default, pretrained)
-        deep = [(n, s) for n, s in zip(self.cfg["layers"], self.teacher.strides) if s > 8]
-        if deep:
-            # measured: a stride-16 teacher stage (hundreds of px seen) left the student's map at chance on screw
-            raise UadkitError(f"config key 'Model.layers': {deep[0][0]} has stride {deep[0][1]}; EfficientAD's "
-                              f"student works at stride 8 and cannot predict deeper stages: use stages of stride "
-                              f"4 or 8 (default {', '.join(default)})")
+        self.teacher = self.frozen_backbone(backbone_info(model_cfg["backbone"]).stfpm_stages[:2], pretrained)
         c = sum(self.teacher.channels)
         self.channels = c
         self.student = student_pdn(2 * c, int(model_cfg["student_width"]))
@@ -220,6 +213,14 @@ class EfficientAD(AnomalyModel):
 
     @torch.no_grad()
     def on_train_start(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        # refused when training, not when loading: folders saved by early versions used stage5 and still predict
+        deep = [(n, s) for n, s in zip(self.cfg["layers"], self.teacher.strides) if s > 8]
+        if deep:
+            # measured: a stride-16 teacher stage (hundreds of px seen) left the student's map at chance on screw
+            default = backbone_info(self.cfg["backbone"]).stfpm_stages[:2]
+            raise UadkitError(f"config key 'Model.layers': {deep[0][0]} has stride {deep[0][1]}; EfficientAD's "
+                              f"student works at stride 8 and cannot predict deeper stages: use stages of stride "
+                              f"8 or less (default {', '.join(default)})")
         # float64 sums over every position of every training image: the teacher's channel mean and std
         n, s1, s2 = 0, 0.0, 0.0
         for images in batches():

@@ -11,7 +11,6 @@ A locked database, a full disk or a full queue is logged and counted (`stats()`,
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -23,9 +22,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
+from ..engine.checkpoint import model_version  # noqa: F401  (the record store's name for it)
 from ..errors import UadkitError
+
+try:
+    import sqlalchemy as sa
+except ImportError as e:  # an optional extra: one line, not a traceback
+    raise UadkitError("recording decisions (Predict.record, Calibrate.db, the service's history) needs sqlalchemy: "
+                      "pip install -e .[serve]  (scripts/setup.sh installs it)") from e
 
 log = logging.getLogger("uadkit")
 SCHEMA_VERSION = 3
@@ -135,20 +139,6 @@ def migrate(engine: sa.Engine, target: int = SCHEMA_VERSION) -> tuple[int, int]:
             conn.execute(schema_table.insert().values(version=target))
             log.info("record store: schema migrated from version %d to %d", before, target)
         return before, max(before, target)
-
-
-def model_version(model_dir: str) -> str:
-    """A hash of the model folder's files (names and contents): a new calibration is a new version."""
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(model_dir):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            h.update(os.path.relpath(path, model_dir).encode() + b"\0")
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 # Versions of a model folder X: X itself (v1), then X.v2, X.v3, ... written beside it by "recalibrate from
