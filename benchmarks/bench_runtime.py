@@ -47,9 +47,11 @@ def one(model_dir: str, run_mode: str, images_dir: str, dataset: str | None, sec
     from uadkit.data.image_io import list_images, load_image, prepare_image
     from uadkit.engine.checkpoint import load_model_dir
     from uadkit.engine.evaluate import evaluate
+    from uadkit.engine.export import refresh_stale_export
     from uadkit.runtimes import load_runtime
 
     model, _ = load_model_dir(model_dir)
+    refresh_stale_export(model, model_dir)  # every row on the graph create_model below would use
     rt = load_runtime(run_mode, model_dir, model)
     paths = list_images(images_dir)[:16]
     x = torch.from_numpy(np.stack([prepare_image(load_image(p), model.input_size) for p in paths]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -21,8 +20,6 @@ from .errors import UadkitError
 from .inference.predictor import Predictor
 from .inference.result import AnomalyResult
 from .models import AnomalyModel, build_model
-
-log = logging.getLogger("uadkit")
 
 
 def apply_kwargs(cfg: dict, kwargs: dict[str, Any], prefer: tuple[str, ...]) -> dict:
@@ -141,8 +138,7 @@ class AnomalyDetector:
         if self._runtime is None or self._runtime_mode != spec.name:
             if not self.model_dir:
                 raise UadkitError(f"run_mode {spec.name} needs a saved model: train it or load it from a model_dir")
-            if not os.path.isfile(os.path.join(self.model_dir, "inference", spec.artefact)) or _stale_graph(
-                    self.model_dir, self.model):
+            if not os.path.isfile(os.path.join(self.model_dir, "inference", spec.artefact)):
                 from .engine.export import export_onnx
 
                 export_onnx(self.model, self.model_dir, self.cfg["Export"]["opset"])
@@ -192,18 +188,6 @@ class AnomalyDetector:
                                                       cfg["Global"]["device"]))
 
 
-def _stale_graph(model_dir: str, model: AnomalyModel) -> bool:
-    """The exported graph predates the model's current formulation (same results, slower or larger)."""
-    from .runtimes.base import inference_info
-
-    info = inference_info(model_dir)
-    if int(info.get("graph_version", 1)) >= type(model).graph_version:
-        return False
-    log.info("%s: exported graph version %s is older than %s's %d: exporting again", model_dir,
-             info.get("graph_version", 1), model.name, type(model).graph_version)
-    return True
-
-
 def _train_worker(cfg: dict[str, Any], ctx) -> None:
     """One spawned rank: build its own model copy and data index, then join the shared trainer."""
     from .data.formats import load_index
@@ -242,6 +226,10 @@ def create_model(model_name: str | None = None, model_dir: str | None = None, co
     if run_mode is not None:
         overrides["Predict.run_mode"] = run_mode
     cfg = apply_kwargs(cfg, overrides, ("Model", "Global", "Train", "Predict"))
-    if model is not None and model.device.type == "cpu":
-        model = model.to(main_device(cfg["Global"]["device"]))
+    if model is not None:
+        from .engine.export import refresh_stale_export
+
+        refresh_stale_export(model, model_dir, cfg["Export"]["opset"])
+        if model.device.type == "cpu":
+            model = model.to(main_device(cfg["Global"]["device"]))
     return AnomalyDetector(cfg, model, meta, model_dir)

@@ -99,10 +99,12 @@ def run_train(cfg: dict) -> dict[str, Any]:
 def run_evaluate(cfg: dict) -> dict[str, Any]:
     from .engine.checkpoint import load_model_dir
     from .engine.evaluate import evaluate
+    from .engine.export import refresh_stale_export
     from .runtimes import load_runtime
 
     model_dir = _model_dir(cfg, "Evaluate")
     model, _ = load_model_dir(model_dir)
+    refresh_stale_export(model, model_dir, cfg["Export"]["opset"])
     return evaluate(model, cfg, load_runtime(cfg["Evaluate"]["run_mode"], model_dir, model, cfg["Global"]["device"]))
 
 
@@ -234,6 +236,7 @@ def run_predict(cfg: dict, inputs: Any = None) -> list[dict[str, Any]]:
         ctx = init_from_env(cfg)
         summary = _predict_shard(cfg, ctx)
     elif requested_world(cfg) > 1:  # shard the inputs over N processes / devices
+        _refresh_once(cfg)
         spawn(_predict_shard, cfg, requested_world(cfg))
         with open(os.path.join(cfg["Global"]["output"], "predict", "predict_result.json"), encoding="utf-8") as f:
             summary = json.load(f)
@@ -241,6 +244,20 @@ def run_predict(cfg: dict, inputs: Any = None) -> list[dict[str, Any]]:
         summary = _predict_shard(cfg, None)
         _write_summary(cfg, summary)
     return summary or []
+
+
+def _refresh_once(cfg: dict) -> None:
+    """An outdated export is rewritten here, once, not by every worker at the same time."""
+    from .engine.checkpoint import read_metadata
+    from .engine.export import stale_export
+    from .models import MODELS
+
+    model_dir = _model_dir(cfg, "Predict")
+    name = read_metadata(model_dir)["model"]  # a bad folder: its one-line error, before any worker starts
+    if name in MODELS and stale_export(model_dir, MODELS[name]) is not None:
+        from .api import create_model
+
+        create_model(model_dir=model_dir)  # loading a folder exports it again
 
 
 def run_calibrate(cfg: dict) -> dict[str, Any]:

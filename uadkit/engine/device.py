@@ -41,11 +41,17 @@ _fp32_saved: list[tuple[Any, str, Any]] = []
 
 
 def _precision_flags() -> list[tuple[Any, str, Any]]:
-    """(object, attribute, full-fp32 value) for GPU convolutions and matrix products."""
+    """(object, attribute, full-fp32 value) for GPU convolutions and matrix products. The legacy switches keep
+    every getter of torch's flags working while they are set; torch >= 2.9 refuses to read them once its newer
+    per-operator API has been used with different values, and then that API is used instead."""
     b = torch.backends
-    if hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9: the API torch asks for
+    legacy = [(b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False)]
+    try:
+        for obj, name, _ in legacy:
+            getattr(obj, name)
+        return legacy
+    except RuntimeError:  # "a mix of the legacy and new APIs"
         return [(b.cudnn.conv, "fp32_precision", "ieee"), (b.cuda.matmul, "fp32_precision", "ieee")]
-    return [(b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False)]
 
 
 @contextlib.contextmanager

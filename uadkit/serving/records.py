@@ -27,7 +27,9 @@ from ..errors import UadkitError
 
 try:
     import sqlalchemy as sa
-except ImportError as e:  # an optional extra: one line, not a traceback
+except ModuleNotFoundError as e:  # an optional extra: one line, not a traceback (a broken install still raises)
+    if e.name != "sqlalchemy":
+        raise
     raise UadkitError("recording decisions (Predict.record, Calibrate.db, the service's history) needs sqlalchemy: "
                       "pip install -e .[serve]  (scripts/setup.sh installs it)") from e
 
