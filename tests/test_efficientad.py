@@ -45,6 +45,31 @@ def test_autoencoder_is_off_by_default_and_then_neither_trained_nor_scored(demo,
         assert all(torch.equal(a, b) for a, b in zip(ref, model.scores(x)))
 
 
+def test_a_folder_saved_with_the_students_unused_autoencoder_half_loads_and_scores_the_same(demo, tmp_path):
+    """Without the autoencoder the student predicts the teacher only; folders saved before held a second, unused
+    half of its output channels, and must load with the same scores."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    det = create_model("EfficientAD", input_size=[64, 64], run_mode="torch")
+    det.train(dataset_dir=demo, output=str(tmp_path / "o"), epochs_iters=1, batch_size=4)
+    model = load_model_dir(det.model_dir)[0]
+    assert model.student[-1].out_channels == model.channels  # no autoencoder half
+    old = shutil.copytree(det.model_dir, tmp_path / "old")
+    state = load_file(str(old / "model.safetensors"))
+    w, b = state["student.10.weight"], state["student.10.bias"]
+    state["student.10.weight"] = torch.cat([w, torch.randn_like(w)]).contiguous()  # the old layout
+    state["student.10.bias"] = torch.cat([b, torch.randn_like(b)]).contiguous()
+    save_file(state, str(old / "model.safetensors"))
+    loaded = load_model_dir(str(old))[0]
+    x = _x()
+    with torch.no_grad():
+        assert all(torch.equal(a, c) for a, c in zip(model.scores(x), loaded.scores(x)))
+    with_ae = create_model("EfficientAD", input_size=[64, 64], ae_weight=0.5).model
+    assert with_ae.student[-1].out_channels == 2 * with_ae.channels
+
+
 def test_weighted_autoencoder_trains_mixes_in_and_exports(demo, tmp_path):
     det = create_model("EfficientAD", input_size=[64, 64], run_mode="torch", ae_weight=0.5)
     det.train(dataset_dir=demo, output=str(tmp_path / "o"), epochs_iters=2, batch_size=4)
