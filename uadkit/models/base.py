@@ -55,7 +55,7 @@ class AnomalyModel(nn.Module):
     # the runtime `Predict.run_mode: auto` picks: the fastest one measured at equal results (bench_runtime.py)
     preferred_runtime: ClassVar[str] = "onnxruntime"
     # raised when the exported graph's formulation changes (its results do not): folders exported with an
-    # older one are exported again on first use (inference.yml's graph_version)
+    # older one are exported again when they are loaded (inference.yml's graph_version, engine/export.py)
     graph_version: ClassVar[int] = 1
     position_tied: ClassVar[bool] = False  # statistics per map position: cannot share one model over tiles
 

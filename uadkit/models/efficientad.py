@@ -139,8 +139,8 @@ class EfficientAD(AnomalyModel):
     def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
         """Folders saved before the student dropped its unused autoencoder half hold twice its output channels;
         the first half is the one that predicts the teacher."""
-        out = self.student[-1].out_channels
-        for key in ("student.10.weight", "student.10.bias"):
+        out, last = self.student[-1].out_channels, len(self.student) - 1
+        for key in (f"student.{last}.weight", f"student.{last}.bias"):
             t = state.get(key)
             if t is not None and t.shape[0] == 2 * out and not self.ae_weight:
                 state[key] = t[:out]
