@@ -126,6 +126,24 @@ def test_stfpm_resume_reproduces_an_uninterrupted_run(val_demo, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
 
 
+@pytest.mark.parametrize("name", sorted(n for n, c in MODELS.items() if c.trainable))
+def test_cached_teacher_targets_change_speed_not_the_run(name, val_demo, tmp_path):
+    """Training and validation targets kept from the first epoch train the same model, with the same loss
+    history, as recomputing them every step."""
+    runs = []
+    for cache in (True, False):
+        out = str(tmp_path / str(cache))
+        assert main(["-o", f"Global.model={name}", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={val_demo}",
+                     "-o", f"Global.output={out}", "-o", "Model.input_size=[64,64]", "-o", "Train.batch_size=4",
+                     "-o", "Train.epochs_iters=3", "-o", "Train.export=false", "-o", f"Train.cache_teacher={cache}",
+                     "-o", "Train.calibration.synthetic_images=0"]) == 0
+        history = json.load(open(os.path.join(out, "train_result.json")))["train"]["history"]
+        runs.append((history, load_model_dir(os.path.join(out, "best_model"))[0].state_dict()))
+    (h1, w1), (h2, w2) = runs
+    assert h1 == h2 and all(h["val_loss"] is not None for h in h1)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_trains_saves_loads_and_exports(name, val_demo, tmp_path):
     det = create_model(name, input_size=[64, 64], run_mode="torch")

@@ -101,18 +101,36 @@ class _TargetCache:
 
 
 def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
-              workers: int, ctx: DistContext) -> float | None:
+              ctx: DistContext, cache: _TargetCache) -> float | None:
     if not samples:
         return None
     model.eval()
     total, n = 0.0, 0
-    mine = [samples[i] for i in ctx.shard(list(range(len(samples))))]
+    mine = list(ctx.shard(list(range(len(samples)))))
+    ds = model_dataset([samples[i] for i in mine], model)
     with torch.no_grad():
-        for images in (_image_batches(mine, model, batch_size, workers, device) if mine else []):
-            total += float(model.training_loss(images, None)) * len(images)
+        for j in range(0, len(mine), batch_size):
+            ids = list(range(j, min(j + batch_size, len(mine))))
+            hit = cache.get(ids, device)  # the same images every epoch: their teacher targets are kept too
+            if hit is not None:
+                images, targets = hit
+            else:
+                images = _channels_last(torch.stack([ds[i][0] for i in ids]).to(device))
+                targets = model.training_targets(images)
+                cache.put(ids, images, targets)
+            total += float(model.training_loss(images, targets)) * len(images)
             n += len(images)
     total, n = ctx.sum(total, n)
     return total / n
+
+
+def _resume_mismatch(path: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """One line for a checkpoint whose model or optimiser does not fit the configured model."""
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "pretrained_path")
+    hint = ", ".join(f"Model.{k}={saved[k]!r} there" if k in saved else f"no Model.{k} there" for k in differ)
+    hint = hint or "it was saved by an older version"
+    return (f"config key 'Train.resume_path': {path} holds a model of another shape than the configured one "
+            f"({hint}); resume with the config it was trained with")
 
 
 def _cpu_state(model: AnomalyModel) -> dict[str, torch.Tensor]:
@@ -138,11 +156,17 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
 
         resumed, _ = load_model_dir(t["resume_path"])
         resume = load_train_state(t["resume_path"])
-        model.load_state_dict(resumed.state_dict())  # copied into the channels-last parameters
+        try:
+            model.load_state_dict(resumed.state_dict())  # copied into the channels-last parameters
+        except RuntimeError:
+            raise UadkitError(_resume_mismatch(t["resume_path"], resumed.cfg, model.cfg)) from None
     model.on_train_start(lambda: _image_batches(index.train, model, bs, workers, device))
     opt, sched = model.configure_optimizers(t)  # after the hook: a model may size its parameters from data
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
+        try:
+            opt.load_state_dict(resume["optimizer"])
+        except (ValueError, RuntimeError):
+            raise UadkitError(_resume_mismatch(t["resume_path"], resumed.cfg, model.cfg)) from None
         if sched is not None and "scheduler" in resume:
             sched.load_state_dict(resume["scheduler"])
         start, history = int(resume["epoch"]), list(resume.get("history", []))
@@ -157,6 +181,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         torch.randperm(len(index.train), generator=gen)
     ds = model_dataset(index.train, model)
     cache = _TargetCache(bool(t.get("cache_teacher")), len(ds))
+    val_cache = _TargetCache(bool(t.get("cache_teacher")), len(index.val))
     extra_source = model.extra_batch_source(t)
     loss_fn: torch.nn.Module = _Loss(model)
     if ctx.active:
@@ -199,7 +224,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
             sched.step()
         running, seen = ctx.sum(running, seen)
         train_loss = running / max(seen, 1)
-        val_loss = _val_loss(model, index.val, device, bs, workers, ctx)
+        val_loss = _val_loss(model, index.val, device, bs, ctx, val_cache)
         history.append({"epoch": epoch + 1, "lr": round(lr_used, 6),
                         "train_loss": round(train_loss, 6),
                         "val_loss": None if val_loss is None else round(val_loss, 6)})
