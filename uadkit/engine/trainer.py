@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.dataset import model_dataset
@@ -89,6 +89,17 @@ class _TargetCache:
         return _channels_last(images), [_channels_last(torch.stack([self.items[i][1][k] for i in ids]).to(device))
                                         for k in range(len(first))]
 
+    def batch(self, ids: list[int], ds: Dataset, model: AnomalyModel, device: torch.device
+              ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Images `ids` of `ds` and their targets: kept ones, else loaded, computed and kept."""
+        hit = self.get(ids, device)
+        if hit is not None:
+            return hit
+        images = _channels_last(torch.stack([ds[i][0] for i in ids]).to(device))
+        targets = model.training_targets(images)
+        self.put(ids, images, targets)
+        return images, targets
+
     def put(self, ids: list[int], images: torch.Tensor, targets: list[torch.Tensor] | None) -> None:
         if self.items is None or targets is None:
             return
@@ -111,13 +122,8 @@ def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, 
     with torch.no_grad():
         for j in range(0, len(mine), batch_size):
             ids = list(range(j, min(j + batch_size, len(mine))))
-            hit = cache.get(ids, device)  # the same images every epoch: their teacher targets are kept too
-            if hit is not None:
-                images, targets = hit
-            else:
-                images = _channels_last(torch.stack([ds[i][0] for i in ids]).to(device))
-                targets = model.training_targets(images)
-                cache.put(ids, images, targets)
+            # the same images every epoch: their teacher targets are kept too
+            images, targets = cache.batch(ids, ds, model, device)
             total += float(model.training_loss(images, targets)) * len(images)
             n += len(images)
     total, n = ctx.sum(total, n)
@@ -201,13 +207,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         bar = tqdm(batches, total=min(steps, len(batches)), desc=f"epoch {epoch + 1}/{epochs}",
                    unit="batch", dynamic_ncols=True, disable=None if ctx.is_main else True, leave=False)
         for ids in bar:
-            hit = cache.get(ids, device)
-            if hit is not None:
-                images, targets = hit
-            else:
-                images = _channels_last(torch.stack([ds[i][0] for i in ids]).to(device))
-                targets = model.training_targets(images)
-                cache.put(ids, images, targets)
+            images, targets = cache.batch(ids, ds, model, device)
             extra = extra_source(len(ids), extra_gen).to(device) if extra_source is not None else None
             loss = loss_fn(images, targets, extra)
             if not torch.isfinite(loss):
