@@ -117,7 +117,7 @@ def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, 
         return None
     model.eval()
     total, n = 0.0, 0
-    mine = list(ctx.shard(list(range(len(samples)))))
+    mine = ctx.shard(list(range(len(samples))))
     ds = model_dataset([samples[i] for i in mine], model)
     with torch.no_grad():
         for j in range(0, len(mine), batch_size):

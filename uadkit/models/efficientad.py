@@ -136,9 +136,8 @@ class EfficientAD(AnomalyModel):
         self.teacher = self.frozen_backbone(backbone_info(model_cfg["backbone"]).stfpm_stages[:2], pretrained)
         c = sum(self.teacher.channels)
         self.channels = c
-        # its second half predicts the autoencoder: without that branch (ae_weight 0, the default) it is not built,
-        # a tenth of the student's work
-        # several students, each from its own initial weights, their maps averaged (`Model.students`)
+        # `Model.students` students, each from its own initial weights, their maps averaged; each one's output half
+        # that predicts the autoencoder is built only with that branch (ae_weight > 0), a tenth of its work
         self.students = nn.ModuleList(student_pdn((2 if self.ae_weight else 1) * c, int(model_cfg["student_width"]))
                                       for _ in range(_students(model_cfg)))
         self.autoencoder = AutoEncoder(c, self.input_size)
