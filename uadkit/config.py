@@ -66,6 +66,7 @@ COMMON: dict[str, dict[str, Any]] = {
         "resume_path": None,
         "save_interval": 0,        # epochs between extra checkpoints; 0 = only last and best
         "export": True,            # write best_model/inference (ONNX) at the end of training
+        "precision": "fp32",       # training steps: fp32 | bf16 | auto (bf16 where the CPU has it); scoring is fp32
     },
     "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6,
                  "run_mode": "torch"},  # any runtime: its accuracy is measured by the same evaluate
@@ -247,6 +248,11 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     if t["calibration"]["estimator"] not in ESTIMATORS:
         raise UadkitError(f"config key 'Train.calibration.estimator': expected one of {', '.join(ESTIMATORS)}, "
                           f"got {t['calibration']['estimator']!r}")
+    from .engine.device import PRECISIONS
+
+    if t["precision"] not in PRECISIONS:
+        raise UadkitError(f"config key 'Train.precision': expected one of {', '.join(PRECISIONS)}, "
+                          f"got {t['precision']!r}")
     if t["calibration"]["out_of_fold_images"] < 5:
         raise UadkitError("config key 'Train.calibration.out_of_fold_images': expected >= 5")
     if t["calibration"]["synthetic_images"] < 0:

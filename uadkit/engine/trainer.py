@@ -27,7 +27,7 @@ from ..errors import UadkitError
 from ..models import AnomalyModel
 from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
 from .checkpoint import load_train_state, save_model_dir
-from .device import full_fp32, main_device
+from .device import autocast, full_fp32, main_device, training_precision
 from .distributed import SINGLE, DistContext
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
 from .map_check import GRID, check_alignment, check_good_maps
@@ -112,7 +112,7 @@ class _TargetCache:
 
 
 def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, batch_size: int,
-              ctx: DistContext, cache: _TargetCache) -> float | None:
+              ctx: DistContext, cache: _TargetCache, precision: str) -> float | None:
     if not samples:
         return None
     model.eval()
@@ -124,7 +124,9 @@ def _val_loss(model: AnomalyModel, samples: list[Sample], device: torch.device, 
             ids = list(range(j, min(j + batch_size, len(mine))))
             # the same images every epoch: their teacher targets are kept too
             images, targets = cache.batch(ids, ds, model, device)
-            total += float(model.training_loss(images, targets)) * len(images)
+            with autocast(precision, device):  # as training computes it: epochs compare like with like
+                loss = model.training_loss(images, targets)
+            total += float(loss) * len(images)
             n += len(images)
     total, n = ctx.sum(total, n)
     return total / n
@@ -154,6 +156,8 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     # 0.082 s. The model stays channels-last after training, as the predictor that calibrates it scores;
     # saving writes the usual layout.
     model.to(device, memory_format=torch.channels_last)
+    precision = training_precision(t["precision"], device)
+    log.info("training steps in %s (Train.precision %s)", precision, t["precision"])
     start, history = 0, []
     best: dict[str, Any] = {"epoch": None, "val_loss": math.inf, "state": None}
     resume = None
@@ -209,7 +213,8 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         for ids in bar:
             images, targets = cache.batch(ids, ds, model, device)
             extra = extra_source(len(ids), extra_gen).to(device) if extra_source is not None else None
-            loss = loss_fn(images, targets, extra)
+            with autocast(precision, device):  # the teacher's targets above stay fp32
+                loss = loss_fn(images, targets, extra)
             if not torch.isfinite(loss):
                 raise UadkitError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); "
                                   "lower Train.learning_rate")
@@ -224,7 +229,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
             sched.step()
         running, seen = ctx.sum(running, seen)
         train_loss = running / max(seen, 1)
-        val_loss = _val_loss(model, index.val, device, bs, ctx, val_cache)
+        val_loss = _val_loss(model, index.val, device, bs, ctx, val_cache, precision)
         history.append({"epoch": epoch + 1, "lr": round(lr_used, 6),
                         "train_loss": round(train_loss, 6),
                         "val_loss": None if val_loss is None else round(val_loss, 6)})
@@ -248,7 +253,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     with torch.no_grad():
         if ctx.is_main:  # only rank 0 calibrates and saves
             model.on_train_end(lambda: _image_batches(index.val or index.train, model, bs, workers, device))
-    return {"history": history, "best_epoch": best["epoch"]}
+    return {"history": history, "best_epoch": best["epoch"], "precision": precision}
 
 
 def _features_fit_in_cache(model: AnomalyModel, index: DatasetIndex, device: torch.device) -> bool:
