@@ -201,3 +201,39 @@ def test_same_seed_same_training(demo_dir, tmp_path):
             for i in range(2)]
     assert runs[0]["train"]["history"] == runs[1]["train"]["history"]
     assert runs[0]["calibration"]["image_threshold"] == runs[1]["calibration"]["image_threshold"]
+
+
+def test_score_layers_combine_only_the_named_stages_and_travel_with_the_folder(demo_dir, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from uadkit.data.image_io import prepare_image
+    from uadkit.engine.checkpoint import load_model_dir
+    from uadkit.models.stfpm import stage_distances
+
+    det = create_model("STFPM", input_size=[96, 96], score_layers=["stage3", "stage5"], run_mode="torch")
+    det.train(dataset_dir=demo_dir, epochs_iters=2, batch_size=8, output=str(tmp_path / "o"))
+    det.save(str(tmp_path / "saved"))
+    model, _ = load_model_dir(str(tmp_path / "saved"))
+    assert model.cfg["layers"] == ["stage2", "stage3", "stage5"] and model.cfg["score_layers"] == ["stage3", "stage5"]
+    x = torch.from_numpy(prepare_image(load_image(os.path.join(demo_dir, "test/good/000.png")), (96, 96)))[None]
+    with torch.no_grad():
+        d = [F.interpolate(m, size=(96, 96), mode="bilinear", align_corners=False)
+             for m in stage_distances(model.teacher(x), model.student(x))]
+        got = model.raw_map(x)
+    torch.testing.assert_close(got, d[1] * d[2])  # the named stages' product, without the first stage
+    assert not torch.allclose(got, d[0] * d[1] * d[2])
+    image = os.path.join(demo_dir, "test")
+    loaded = create_model(model_dir=str(tmp_path / "saved"), run_mode="torch")
+    assert [r["pred_score"] for r in det.predict(image)] == [r["pred_score"] for r in loaded.predict(image)]
+    exported = create_model(model_dir=str(tmp_path / "o" / "best_model"), run_mode="onnxruntime")  # one graph
+    np.testing.assert_allclose([r["pred_score"] for r in exported.predict(image)],
+                               [r["pred_score"] for r in det.predict(image)], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [["stage4"], [], "stage3"])
+def test_score_layers_outside_the_trained_stages_is_one_line_naming_the_key(bad):
+    with pytest.raises(UadkitError, match=r"^config key 'Model.score_layers': expected null or a list of stages "
+                                          r"from Model.layers \(stage2, stage3, stage5\)") as e:
+        create_model("STFPM", score_layers=bad)
+    assert "\n" not in str(e.value)
