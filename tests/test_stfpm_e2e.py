@@ -10,14 +10,18 @@ import threading
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
 from uadkit import create_model
 from uadkit.cli import main
-from uadkit.data.image_io import load_image
+from uadkit.data.image_io import load_image, prepare_image
+from uadkit.engine.checkpoint import load_model_dir
 from uadkit.errors import UadkitError
 from uadkit.inference.result import decode_rle
+from uadkit.models.stfpm import stage_distances
 
 
 def test_train_outputs(trained):
@@ -204,13 +208,6 @@ def test_same_seed_same_training(demo_dir, tmp_path):
 
 
 def test_score_layers_combine_only_the_named_stages_and_travel_with_the_folder(demo_dir, tmp_path):
-    import torch
-    import torch.nn.functional as F
-
-    from uadkit.data.image_io import prepare_image
-    from uadkit.engine.checkpoint import load_model_dir
-    from uadkit.models.stfpm import stage_distances
-
     det = create_model("STFPM", input_size=[96, 96], score_layers=["stage3", "stage5"], run_mode="torch")
     det.train(dataset_dir=demo_dir, epochs_iters=2, batch_size=8, output=str(tmp_path / "o"))
     det.save(str(tmp_path / "saved"))

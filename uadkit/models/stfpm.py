@@ -53,7 +53,7 @@ class STFPM(AnomalyModel):
                               f"got {model_cfg['anomaly_map_mode']!r}")
         chosen = model_cfg.get("score_layers")
         layers = list(model_cfg.get("layers") or backbone_info(model_cfg["backbone"]).stfpm_stages)
-        if chosen is not None and (isinstance(chosen, str) or not isinstance(chosen, list | tuple) or not chosen
+        if chosen is not None and (not isinstance(chosen, list | tuple) or not chosen
                                    or any(c not in layers for c in chosen)):
             raise UadkitError(f"config key 'Model.score_layers': expected null or a list of stages from "
                               f"Model.layers ({', '.join(layers)}), got {chosen!r}")
@@ -63,17 +63,15 @@ class STFPM(AnomalyModel):
         self.check_config(model_cfg)
         self.teacher = self.frozen_backbone(backbone_info(model_cfg["backbone"]).stfpm_stages, pretrained)
         self.student = FeatureExtractor(model_cfg["backbone"], self.cfg["layers"], pretrained=False)
-        self.cfg["score_layers"] = self._score_layers()
-        self._scored = [self.cfg["layers"].index(name) for name in self.cfg["score_layers"]]
-
-    def _score_layers(self) -> list[str]:
-        """The stages whose maps make the anomaly map; the student learns every stage of `Model.layers`."""
-        chosen = self.cfg.get("score_layers")  # null, or folders saved before the key: every stage
-        return [name for name in self.cfg["layers"] if chosen is None or name in chosen]
+        # the stages whose maps make the anomaly map (the student learns every stage of `Model.layers`);
+        # null, or a folder saved before the key: every stage
+        chosen, layers = self.cfg.get("score_layers"), self.cfg["layers"]
+        self._scored = [i for i, name in enumerate(layers) if chosen is None or name in chosen]
+        self.cfg["score_layers"] = [layers[i] for i in self._scored]
 
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
-        dists = stage_distances(self.teacher(images), self.student(images))
-        dists = [dists[i] for i in self._scored]
+        teacher, student = self.teacher(images), self.student(images)
+        dists = stage_distances([teacher[i] for i in self._scored], [student[i] for i in self._scored])
         size = images.shape[-2:]
         ups = [F.interpolate(d, size=size, mode="bilinear", align_corners=False) for d in dists]
         out = ups[0]
