@@ -116,12 +116,17 @@ def test_penalty_stream_is_drawn_and_trained_on_only_on_request(demo, tmp_path):
         assert torch.equal(off.training_loss(x, None, extra), off.training_loss(x, None, None))
 
 
-@pytest.mark.parametrize("ae_weight", [0.0, 0.5])
-def test_several_students_learn_apart_and_their_maps_are_averaged_in_the_exported_graph(demo, tmp_path, ae_weight):
-    det = create_model("EfficientAD", input_size=[64, 64], run_mode="torch", students=3, ae_weight=ae_weight)
+@pytest.mark.parametrize("ae_weight,shared_stem", [(0.0, 0), (0.5, 0), (0.0, 3)])
+def test_several_students_learn_apart_and_their_maps_are_averaged_in_the_exported_graph(demo, tmp_path, ae_weight,
+                                                                                         shared_stem):
+    det = create_model("EfficientAD", input_size=[64, 64], run_mode="torch", students=3, ae_weight=ae_weight,
+                       shared_stem=shared_stem)
     det.train(dataset_dir=demo, output=str(tmp_path / "o"), epochs_iters=2, batch_size=4)
     model, _ = load_model_dir(det.model_dir)
     assert len(model.students) == 3 and model.cfg["students"] == 3
+    # with a shared stem the students' own layers start at the stem's output (stride 8), not at the image
+    assert model.students[0][0].in_channels == (model.cfg["student_width"] if shared_stem else 3)
+    assert len(list(model.stem.parameters())) == 2 * shared_stem
     a, b = (s[0].weight for s in model.students[:2])
     assert not torch.equal(a, b)  # each from its own initial weights
     x = _x()
@@ -156,12 +161,12 @@ def test_student_sees_as_far_as_its_teacher():
         return int(cols.max() - cols.min() + 1)
 
     teacher = reach(lambda x: model.teacher(x)[-1])
-    student = reach(model.students[0])
+    student = reach(lambda x: model.students[0](model.stem(x)))
     assert student >= 0.9 * teacher, (student, teacher)
 
 
 @pytest.mark.parametrize("key,value", [("ae_weight", 1.5), ("image_topk", 1.0), ("hard_quantile", 0.2),
-                                       ("students", 0)])
+                                       ("students", 0), ("shared_stem", 6)])
 def test_bad_values_name_their_key(key, value):
     with pytest.raises(UadkitError, match=f"Model.{key}"):
         create_model("EfficientAD", input_size=[64, 64], **{key: value}).model  # noqa: B018

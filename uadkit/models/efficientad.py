@@ -12,6 +12,8 @@
   the second half the autoencoder. `Model.students` trains several, each from its own initial weights, and
   averages their maps: a student's errors on good images depend on its initialisation (screw image AUROC
   0.876 to 0.932 over five students), a defect's do not, so the average ranks images more steadily.
+  `Model.shared_stem` lets them share their first convolutions, computed once (opt-in: more students for the
+  time, but on generated parts students that share layers erred alike, README).
 - Autoencoder: strided convolutions down to a 64-number code and back, predicting the teacher's features
   from the image through that bottleneck, so it misses what is locally plausible but globally wrong (the
   logical anomalies). Its map is mixed in with `Model.ae_weight` (off by default, see the README's figures).
@@ -92,6 +94,10 @@ def _students(model_cfg: dict[str, Any]) -> int:
     return int(model_cfg.get("students", 1))  # models saved before the key had one student
 
 
+def _shared(model_cfg: dict[str, Any]) -> int:
+    return int(model_cfg.get("shared_stem", 0))  # models saved before the key: each student its own layers
+
+
 class EfficientAD(AnomalyModel):
     name = "EfficientAD"
     trainable = True
@@ -104,7 +110,7 @@ class EfficientAD(AnomalyModel):
     # maps averaged: screw 0.9147 / 0.9141 at seeds 42 / 1 where single students ranged 0.876-0.932 (mean 0.909);
     # averaging pairs of single models added +0.014 (screw), +0.006 (generated parts), +0.009 (cloth)
     model_defaults = {"student_width": 64, "hard_quantile": 0.99, "penalty": False, "ae_weight": 0.0,
-                      "image_topk": 0.001, "students": 2}
+                      "image_topk": 0.001, "students": 2, "shared_stem": 0}
     # Adam as in the paper, with far fewer steps than its 70,000 (CPU budget): a larger rate, cosine decay
     train_defaults = {"epochs_iters": 150, "batch_size": 8, "learning_rate": 0.002, "weight_decay": 1e-5,
                       "lr_scheduler": "cosine", "cache_teacher": True}
@@ -122,6 +128,9 @@ class EfficientAD(AnomalyModel):
             raise UadkitError(f"config key 'Model.student_width': expected >= 8, got {model_cfg['student_width']}")
         if not 1 <= _students(model_cfg) <= 8:
             raise UadkitError(f"config key 'Model.students': expected 1 to 8 students, got {model_cfg['students']!r}")
+        if not 0 <= _shared(model_cfg) <= 5:  # the student has six convolutions: its last one stays its own
+            raise UadkitError(f"config key 'Model.shared_stem': expected 0 to 5 shared convolutions, "
+                              f"got {model_cfg['shared_stem']!r}")
 
     @classmethod
     def check_train_config(cls, train_cfg: dict[str, Any]) -> None:
@@ -138,8 +147,13 @@ class EfficientAD(AnomalyModel):
         self.channels = c
         # `Model.students` students, each from its own initial weights, their maps averaged; each one's output half
         # that predicts the autoencoder is built only with that branch (ae_weight > 0), a tenth of its work
-        self.students = nn.ModuleList(student_pdn((2 if self.ae_weight else 1) * c, int(model_cfg["student_width"]))
-                                      for _ in range(_students(model_cfg)))
+        pdns = [student_pdn((2 if self.ae_weight else 1) * c, int(model_cfg["student_width"]))
+                for _ in range(_students(model_cfg))]
+        # `Model.shared_stem` first convolutions shared by the students, computed once (each convolution but the
+        # last is two modules, with its ReLU); the strided ones are most of a student's work (README)
+        cut = 2 * _shared(model_cfg)
+        self.stem = nn.Sequential(*pdns[0][:cut]) if cut else nn.Identity()
+        self.students = nn.ModuleList(nn.Sequential(*p[cut:]) if cut else p for p in pdns)
         self.autoencoder = AutoEncoder(c, self.input_size)
         # teacher channel statistics (on_train_start) and map quantiles (on_train_end): buffers, so they are
         # saved with the weights and part of the exported graph
@@ -184,8 +198,9 @@ class EfficientAD(AnomalyModel):
     def _student(self, images: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor]:
         """Each student's output on the teacher's grid."""
         out = []
+        x = self.stem(images)
         for student in self.students:
-            s = student(images)
+            s = student(x)
             out.append(s if tuple(s.shape[-2:]) == size else
                        F.interpolate(s, size=size, mode="bilinear", align_corners=False))
         return out
