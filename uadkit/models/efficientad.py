@@ -150,10 +150,11 @@ class EfficientAD(AnomalyModel):
         pdns = [student_pdn((2 if self.ae_weight else 1) * c, int(model_cfg["student_width"]))
                 for _ in range(_students(model_cfg))]
         # `Model.shared_stem` first convolutions shared by the students, computed once (each convolution but the
-        # last is two modules, with its ReLU); the strided ones are most of a student's work (README)
+        # last is two modules, with its ReLU); the strided ones are most of a student's work (README). With none
+        # shared the stem is empty (passes images through) and each student keeps all its modules and indices.
         cut = 2 * _shared(model_cfg)
-        self.stem = nn.Sequential(*pdns[0][:cut]) if cut else nn.Identity()
-        self.students = nn.ModuleList(nn.Sequential(*p[cut:]) if cut else p for p in pdns)
+        self.stem = nn.Sequential(*pdns[0][:cut])
+        self.students = nn.ModuleList(nn.Sequential(*p[cut:]) for p in pdns)
         self.autoencoder = AutoEncoder(c, self.input_size)
         # teacher channel statistics (on_train_start) and map quantiles (on_train_end): buffers, so they are
         # saved with the weights and part of the exported graph
