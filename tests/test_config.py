@@ -42,6 +42,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("Train.calibration.estimator=guess", "Train.calibration.estimator"),
     ("Train.calibration.out_of_fold_images=2", "Train.calibration.out_of_fold_images"),
     ("Evaluate.run_mode=tensorrt", "Evaluate.run_mode"),
+    ("Model.map_border=mirror", r"^config key 'Model.map_border': expected mean or clamp, got 'mirror'$"),
 ])
 def test_bad_values_are_errors_naming_the_key(override, needle):
     with pytest.raises(UadkitError, match=needle):

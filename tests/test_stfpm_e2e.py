@@ -218,8 +218,11 @@ def test_score_layers_combine_only_the_named_stages_and_travel_with_the_folder(d
         d = [F.interpolate(m, size=(96, 96), mode="bilinear", align_corners=False)
              for m in stage_distances(model.teacher(x), model.student(x))]
         got = model.raw_map(x)
-    torch.testing.assert_close(got, d[1] * d[2])  # the named stages' product, without the first stage
-    assert not torch.allclose(got, d[0] * d[1] * d[2])
+    # the named stages' product, without the first stage (inside the outermost stride-16 cell centres, where
+    # Model.map_border does not reach)
+    inner = (..., slice(8, -8), slice(8, -8))
+    torch.testing.assert_close(got[inner], (d[1] * d[2])[inner])
+    assert not torch.allclose(got[inner], (d[0] * d[1] * d[2])[inner])
     image = os.path.join(demo_dir, "test")
     loaded = create_model(model_dir=str(tmp_path / "saved"), run_mode="torch")
     assert [r["pred_score"] for r in det.predict(image)] == [r["pred_score"] for r in loaded.predict(image)]

@@ -168,7 +168,7 @@ def test_roi_keeps_the_models_top_k_image_score(hires, tmp_path, tiling):
     whole = score_images(model, images, torch.device("cpu"))
     for p, w in zip(plain, whole):
         if not tiling:  # tiled, a region scores the stitched map (overlaps averaged), not each tile's own
-            assert p.raw_map.max() > p.raw_score * 1.05  # so the maximum would not pass
+            assert p.raw_map.max() > p.raw_score * 1.04  # so the maximum would not pass (rel 0.03 below)
             assert w.raw_score == pytest.approx(p.raw_score, rel=0.03)  # the map at image size vs at 64 px
             assert w.norm_score == pytest.approx(p.norm_score, abs=0.03)
     model.cfg["roi"] = [[0, 0, SIZE // 2, SIZE]]  # the left half

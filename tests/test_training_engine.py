@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from uadkit import create_model
 from uadkit.cli import main
@@ -181,6 +182,20 @@ def test_every_registered_model_trains_saves_loads_and_exports(name, val_demo, t
     assert np.allclose(fast, plain.numpy(), rtol=TOL, atol=TOL * 1e-3)
     save_model_dir(model, str(tmp_path / "again"))
     assert load_model_dir(str(tmp_path / "again"))[0].scores(x)[1].tolist() == ref[1].tolist()
+    # a folder saved before Model.map_border (the key removed) keeps the clamped border its thresholds were
+    # calibrated on: the same map inside the outermost cell centres, another on the border
+    meta_path = os.path.join(tmp_path, "again", "model.yaml")
+    meta = yaml.safe_load(open(meta_path))
+    assert meta["Model"].pop("map_border") == "mean"
+    with open(meta_path, "w") as f:
+        yaml.safe_dump(meta, f)
+    old = load_model_dir(str(tmp_path / "again"))[0]
+    assert old.map_border == "clamp"
+    with torch.no_grad():
+        new_raw, old_raw = model.raw_map(x), old.raw_map(x)
+    inner = (..., slice(8, -8), slice(8, -8))  # half the coarsest stride (16) from the edge
+    assert torch.allclose(new_raw[inner], old_raw[inner], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(new_raw, old_raw, rtol=1e-5, atol=1e-6)
 
 
 def test_image_topk_scores_the_mean_of_the_highest_pixels():

@@ -47,6 +47,9 @@ COMMON: dict[str, dict[str, Any]] = {
         "input_size": [256, 256],  # height, width
         "pretrained_path": None,   # local ImageNet state_dict instead of the default weight source
         "smoothing_sigma": 4.0,    # Gaussian smoothing of the anomaly map, in input pixels; 0 = off
+        # coarse maps past the image border: mean (they continue at their mean, so a border cell weighs as any
+        # other) | clamp (border cells held flat to the edge scored up to 1.9x; models saved before 2026-11-27)
+        "map_border": "mean",
         # high-resolution images (data/tiling.py): {tile_size: [h, w], stride: [h, w]} in original pixels; each
         # tile is resized to input_size, maps are stitched back at the original size
         "tiling": None,

@@ -7,6 +7,7 @@ shared and lives outside the model, so a new model only says how it scores and h
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -23,16 +24,80 @@ SCORE_OUTPUTS = ("raw_map", "raw_score", "norm_map", "norm_score")  # what `scor
 LN19 = math.log(19.0)  # sigmoid(-ln 19) = 0.05: the median good image lands at a normalised 0.05
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, 1, H, W) maps; plain convs so it exports to ONNX."""
-    if sigma <= 0:
-        return x
+def _kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(4 * sigma + 0.5))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return k / k.sum()
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_matrix(n_out: int, n_in: int, margin: int, border: str) -> torch.Tensor:
+    """(n_out + 2 margin, n_in) float64: bilinear upsampling along one axis with F.interpolate's weights
+    (align_corners=False), extended `margin` pixels past each end.
+
+    `mean`: past the outermost cell centres the map falls towards zero, and `to_input_size` adds back the map's
+    mean there, so a border cell rises and falls like any other. F.interpolate instead holds the border cell
+    flat over half a cell, and smoothing with the image edge reflected doubles that plateau back in: a one-cell
+    bump at stride 8 (256 px, sigma 4, top-0.1 % mean) scored 1.4x its value inside the image on an edge and
+    1.9x in a corner, so good images' highest scores gathered on the border (README). `clamp` is that map, the
+    exact pre-2026-11-27 result, kept for folders saved before `Model.map_border`."""
+    u = torch.arange(-margin, n_out + margin, dtype=torch.float64)
+    if border == "clamp":
+        u = u.abs()  # the smoothing reflected the upsampled map about its edge pixels
+        u = torch.where(u > n_out - 1, 2 * (n_out - 1) - u, u)
+    x = (u + 0.5) * (n_in / n_out) - 0.5  # the source coordinate of each output pixel's centre
+    if border == "clamp":
+        x = x.clamp(0, n_in - 1)
+    i0 = x.floor().long()
+    f = x - i0
+    rows = torch.arange(len(u))
+    m = torch.zeros(len(u), n_in, dtype=torch.float64)
+    for idx, w in ((i0, 1 - f), (i0 + 1, f)):  # weights on cells outside the map are dropped (zero there)
+        ok = (idx >= 0) & (idx < n_in)
+        m.index_put_((rows[ok], idx[ok]), w[ok], accumulate=True)
+    return m
+
+
+@functools.lru_cache(maxsize=256)
+def _smooth_matrix(n_out: int, n_in: int, sigma: float, border: str) -> torch.Tensor:
+    """(n_out, n_in) float64: upsampling, then Gaussian smoothing, along one axis (one map: both are linear)."""
+    if sigma <= 0:
+        return _axis_matrix(n_out, n_in, 0, border)
+    k = _kernel(sigma)
+    r = (len(k) - 1) // 2
+    up = _axis_matrix(n_out, n_in, r, border)
+    return torch.stack([k @ up[i:i + 2 * r + 1] for i in range(n_out)])
+
+
+def to_input_size(maps: list[torch.Tensor], size: tuple[int, int], sigma: float, combine: str = "product",
+                  border: str = "mean") -> torch.Tensor:
+    """Coarse (B, 1, h, w) maps -> one (B, 1, H, W) map: each upsampled bilinearly, multiplied (or summed),
+    then smoothed with a Gaussian of `sigma` px (0: not smoothed). `border` (`_axis_matrix`): `mean`, each
+    map continues past the image at its own mean, so no position is favoured; `clamp`, the old maps.
+    Matrix products per axis: one map's upsampling and smoothing fold into one small matrix, cheaper than both
+    done on the full-size map, and the graph exports as MatMuls."""
+    h_out, w_out = int(size[0]), int(size[1])  # plain ints: an exported graph holds the matrices as constants
+    dev, dt = maps[0].device, maps[0].dtype
+    # with `mean`, the matrices extend the map by zeros: subtract its mean first and add it back after
+    means = [m.mean((-2, -1), keepdim=True) if border == "mean" else None for m in maps]
+    if len(maps) == 1:
+        m, c = maps[0], means[0]
+        ry = _smooth_matrix(h_out, int(m.shape[-2]), float(sigma), border).to(dev, dt)
+        rx = _smooth_matrix(w_out, int(m.shape[-1]), float(sigma), border).to(dev, dt)
+        return ry @ m @ rx.T if c is None else ry @ (m - c) @ rx.T + c  # smoothing keeps a constant as it is
+    k = _kernel(sigma) if sigma > 0 else None
+    r = 0 if k is None else (len(k) - 1) // 2
+    out = None
+    for m, c in zip(maps, means):  # each on a canvas r px wider than the image: the smoothing needs no padding
+        uy = _axis_matrix(h_out, int(m.shape[-2]), r, border).to(dev, dt)
+        ux = _axis_matrix(w_out, int(m.shape[-1]), r, border).to(dev, dt)
+        u = uy @ m @ ux.T if c is None else uy @ (m - c) @ ux.T + c
+        out = u if out is None else (out * u if combine == "product" else out + u)
+    if k is None:
+        return out
+    k = k.to(dev, dt)
+    return F.conv2d(F.conv2d(out, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
 
 
 def topk_count(frac: float, area: int) -> int:
@@ -68,6 +133,10 @@ class AnomalyModel(nn.Module):
             self.cfg["roi"] = stored_roi(self.cfg["roi"])
         self.input_size = tuple(model_cfg["input_size"])
         self.smoothing_sigma = float(model_cfg.get("smoothing_sigma") or 0.0)
+        # how coarse maps meet the image border (`to_input_size`); folders saved before the key keep `clamp`
+        # (checkpoint.load_model_dir), so their calibrated thresholds still hold
+        self.map_border = str(model_cfg.get("map_border", "mean"))
+        self.map_combine = "product"  # how several coarse maps make one (STFPM: Model.anomaly_map_mode)
         # Raw-unit image threshold with its scales below / above it, then the same for pixels; see
         # engine/calibration.py. Buffers, so they travel in the weights file and an exported graph.
         self.register_buffer("calibration", torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0]))
@@ -79,6 +148,9 @@ class AnomalyModel(nn.Module):
         if not 0 <= float(model_cfg.get("image_topk") or 0) < 1:
             raise UadkitError(f"config key 'Model.image_topk': expected a fraction in [0, 1), got "
                               f"{model_cfg['image_topk']!r}")
+        if model_cfg.get("map_border", "mean") not in ("mean", "clamp"):
+            raise UadkitError(f"config key 'Model.map_border': expected mean or clamp, "
+                              f"got {model_cfg['map_border']!r}")
         if model_cfg.get("roi_score", "max") not in ("rule", "max"):
             raise UadkitError(f"config key 'Model.roi_score': expected rule or max, got {model_cfg['roi_score']!r}")
 
@@ -104,9 +176,21 @@ class AnomalyModel(nn.Module):
         return self
 
     # -- scoring -------------------------------------------------------------------------------------
+    def coarse_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The model's anomaly maps at their own strides, (B, 1, h, w) each, combined by `map_combine`: the
+        one thing most models implement. The base brings them to the input size (`to_input_size`)."""
+        return [self.raw_map(images)]  # a model that implements raw_map instead: its map is already full size
+
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) raw anomaly map at input size, before smoothing."""
-        raise NotImplementedError
+        return to_input_size(self.coarse_maps(images), images.shape[-2:], 0.0, self.map_combine,
+                             self.map_border)
+
+    def smoothed_map(self, images: torch.Tensor) -> torch.Tensor:
+        """`raw_map` smoothed by `Model.smoothing_sigma`; past the image border the smoothing sees what the
+        upsampling puts there (`Model.map_border`), not `raw_map`'s pixels reflected at the edge."""
+        return to_input_size(self.coarse_maps(images), images.shape[-2:], self.smoothing_sigma, self.map_combine,
+                             self.map_border)
 
     def image_score(self, amap: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """From the smoothed map: its maximum, or with `Model.image_topk` > 0 the mean of that fraction of its
@@ -119,7 +203,7 @@ class AnomalyModel(nn.Module):
         return flat.topk(topk_count(frac, h * w), dim=1).values.mean(1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = gaussian_blur(self.raw_map(images), self.smoothing_sigma)
+        amap = self.smoothed_map(images)
         return amap, self.image_score(amap, images)
 
     def normalise(self, amap: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

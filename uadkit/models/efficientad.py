@@ -224,14 +224,14 @@ class EfficientAD(AnomalyModel):
         a = self.autoencoder(images, size)
         return st, sum((a - s[:, c:]).pow(2).mean(1, keepdim=True) for s in students) / len(students)
 
-    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+    def coarse_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         st, ae = self._maps(images)
         q, w = self.quantiles, self.ae_weight
         # each map's 0.9 quantile on good images -> 0, its 0.995 quantile -> 0.1 (the paper's normalisation)
         amap = 0.1 * (st - q[0]) / (q[1] - q[0])
         if ae is not None:
             amap = (1 - w) * amap + w * 0.1 * (ae - q[2]) / (q[3] - q[2])
-        return F.interpolate(amap, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return [amap]
 
     def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None,
                       extra: torch.Tensor | None = None) -> torch.Tensor:

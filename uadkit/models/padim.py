@@ -89,15 +89,14 @@ class PaDiM(AnomalyModel):
         e = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="nearest") for f in feats[1:]], 1)
         return e[:, self.channels]  # (B, d, h, w)
 
-    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+    def coarse_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         e = self.embed(images)
         b, d, h, w = e.shape
         x = e.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]  # (P, B, d)
         # a batched matrix product per position, not a three-operand einsum: the same numbers, and OpenVINO
         # compiled the einsum's graph into 13.5 GB
         m = (torch.bmm(x, self.inv_cov) * x).sum(-1).clamp_min(0).sqrt()  # (P, B)
-        return F.interpolate(m.t().reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False)
+        return [m.t().reshape(b, 1, h, w)]
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..backbones import backbone_info
 from ..errors import UadkitError
-from .base import AnomalyModel, gaussian_blur
+from .base import AnomalyModel, to_input_size
 from .search import BankSearch, exact_maximum, nearest
 
 
@@ -107,7 +107,7 @@ class PatchCore(AnomalyModel):
 
     def score_embedding(self, emb: torch.Tensor, bank: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, patches, C) embeddings -> unsmoothed map at input size and image score, against `bank`."""
+        """(B, patches, C) embeddings -> coarse (B, 1, h, w) patch-distance map and image score, against `bank`."""
         bank = self.memory_bank if bank is None else bank
         if len(bank) == 0:
             raise UadkitError("PatchCore has an empty memory bank: fit it on good images first")
@@ -129,16 +129,17 @@ class PatchCore(AnomalyModel):
         dist_support = torch.cdist(feat[:, None], bank[support])[:, 0]
         weight = 1 - torch.softmax(dist_support, 1)[:, 0]
         score = weight * patch.max(1).values
-        amap = F.interpolate(patch.reshape(b, 1, h, w), size=self.input_size, mode="bilinear",
-                             align_corners=False)
-        return amap, score
+        return patch.reshape(b, 1, h, w), score
 
-    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
-        return self.score_embedding(self.features(images))[0]
+    def _map(self, coarse: torch.Tensor, sigma: float) -> torch.Tensor:
+        return to_input_size([coarse], self.input_size, sigma, border=self.map_border)
+
+    def coarse_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.score_embedding(self.features(images))[0]]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap, score = self.score_embedding(self.features(images))
-        return gaussian_blur(amap, self.smoothing_sigma), score
+        coarse, score = self.score_embedding(self.features(images))
+        return self._map(coarse, self.smoothing_sigma), score
 
     # An approximate search cannot be traced into a graph: exported graphs then stop at the patch embedding
     # and every runtime runs `finish` (search, map, score, normalisation) on it, the same code as torch.
@@ -151,8 +152,8 @@ class PatchCore(AnomalyModel):
     def finish(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if not self.search.approximate:
             return outputs
-        amap, score = self.score_embedding(outputs[0])
-        amap = gaussian_blur(amap, self.smoothing_sigma)
+        coarse, score = self.score_embedding(outputs[0])
+        amap = self._map(coarse, self.smoothing_sigma)
         return (amap, score, *self.normalise(amap, score))
 
     def head_state(self) -> dict[str, torch.Tensor]:
@@ -185,8 +186,8 @@ class PatchCore(AnomalyModel):
                 continue
             bank = self.memory_bank[rows != g]
             for part in ids.split(chunk):
-                amap, score = self.score_embedding(emb[part].to(self.device), bank)
-                amap = gaussian_blur(amap, self.smoothing_sigma)
+                coarse, score = self.score_embedding(emb[part].to(self.device), bank)
+                amap = self._map(coarse, self.smoothing_sigma)
                 scores[part.numpy()] = score.cpu().numpy()
                 maxima[part.numpy()] = amap.flatten(1).amax(1).cpu().numpy()
                 maps.update(zip(part.tolist(), F.adaptive_avg_pool2d(amap.float(), grid)[:, 0].cpu().numpy()))

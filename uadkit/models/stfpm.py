@@ -68,16 +68,11 @@ class STFPM(AnomalyModel):
         chosen, layers = self.cfg.get("score_layers"), self.cfg["layers"]
         self._scored = [i for i, name in enumerate(layers) if chosen is None or name in chosen]
         self.cfg["score_layers"] = [layers[i] for i in self._scored]
+        self.map_combine = self.cfg["anomaly_map_mode"]
 
-    def raw_map(self, images: torch.Tensor) -> torch.Tensor:
+    def coarse_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         teacher, student = self.teacher(images), self.student(images)
-        dists = stage_distances([teacher[i] for i in self._scored], [student[i] for i in self._scored])
-        size = images.shape[-2:]
-        ups = [F.interpolate(d, size=size, mode="bilinear", align_corners=False) for d in dists]
-        out = ups[0]
-        for u in ups[1:]:
-            out = out * u if self.cfg["anomaly_map_mode"] == "product" else out + u
-        return out
+        return stage_distances([teacher[i] for i in self._scored], [student[i] for i in self._scored])
 
     @torch.no_grad()
     def training_targets(self, images: torch.Tensor) -> list[torch.Tensor]:
