@@ -67,7 +67,7 @@ def _smooth_matrix(n_out: int, n_in: int, sigma: float, border: str) -> torch.Te
     k = _kernel(sigma)
     r = (len(k) - 1) // 2
     up = _axis_matrix(n_out, n_in, r, border)
-    return torch.stack([k @ up[i:i + 2 * r + 1] for i in range(n_out)])
+    return up.unfold(0, 2 * r + 1, 1) @ k  # row i: the kernel over canvas rows i .. i + 2r
 
 
 def to_input_size(maps: list[torch.Tensor], size: tuple[int, int], sigma: float, combine: str = "product",
