@@ -105,8 +105,6 @@ def load_state(model: AnomalyModel, state: dict[str, torch.Tensor]):
 def load_model_dir(path: str) -> tuple[AnomalyModel, dict[str, Any]]:
     meta = read_metadata(path)
     # No ImageNet download: every tensor, the teacher's included, comes from the saved file.
-    # saved before `Model.map_border`: the clamped border its thresholds were calibrated with
-    meta["Model"].setdefault("map_border", "clamp")
     model = build_model(meta["model"], meta["Model"], pretrained=False)
     try:
         state = load_file(os.path.join(path, WEIGHTS))

@@ -133,9 +133,9 @@ class AnomalyModel(nn.Module):
             self.cfg["roi"] = stored_roi(self.cfg["roi"])
         self.input_size = tuple(model_cfg["input_size"])
         self.smoothing_sigma = float(model_cfg.get("smoothing_sigma") or 0.0)
-        # how coarse maps meet the image border (`to_input_size`); folders saved before the key keep `clamp`
-        # (checkpoint.load_model_dir), so their calibrated thresholds still hold
-        self.map_border = str(model_cfg.get("map_border", "mean"))
+        # how coarse maps meet the image border (`to_input_size`); new configs say `mean` (config.COMMON), and a
+        # config without the key was saved before it: `clamp`, the maps its thresholds were calibrated on
+        self.map_border = str(model_cfg.get("map_border", "clamp"))
         self.map_combine = "product"  # how several coarse maps make one (STFPM: Model.anomaly_map_mode)
         # Raw-unit image threshold with its scales below / above it, then the same for pixels; see
         # engine/calibration.py. Buffers, so they travel in the weights file and an exported graph.
@@ -148,7 +148,7 @@ class AnomalyModel(nn.Module):
         if not 0 <= float(model_cfg.get("image_topk") or 0) < 1:
             raise UadkitError(f"config key 'Model.image_topk': expected a fraction in [0, 1), got "
                               f"{model_cfg['image_topk']!r}")
-        if model_cfg.get("map_border", "mean") not in ("mean", "clamp"):
+        if model_cfg.get("map_border", "clamp") not in ("mean", "clamp"):
             raise UadkitError(f"config key 'Model.map_border': expected mean or clamp, "
                               f"got {model_cfg['map_border']!r}")
         if model_cfg.get("roi_score", "max") not in ("rule", "max"):
@@ -181,16 +181,18 @@ class AnomalyModel(nn.Module):
         one thing most models implement. The base brings them to the input size (`to_input_size`)."""
         return [self.raw_map(images)]  # a model that implements raw_map instead: its map is already full size
 
+    def assemble(self, maps: list[torch.Tensor], size: tuple[int, int], sigma: float) -> torch.Tensor:
+        """Coarse maps -> one map at `size`, smoothed by `sigma`, with this model's combination and border."""
+        return to_input_size(maps, size, sigma, self.map_combine, self.map_border)
+
     def raw_map(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) raw anomaly map at input size, before smoothing."""
-        return to_input_size(self.coarse_maps(images), images.shape[-2:], 0.0, self.map_combine,
-                             self.map_border)
+        return self.assemble(self.coarse_maps(images), images.shape[-2:], 0.0)
 
     def smoothed_map(self, images: torch.Tensor) -> torch.Tensor:
         """`raw_map` smoothed by `Model.smoothing_sigma`; past the image border the smoothing sees what the
         upsampling puts there (`Model.map_border`), not `raw_map`'s pixels reflected at the edge."""
-        return to_input_size(self.coarse_maps(images), images.shape[-2:], self.smoothing_sigma, self.map_combine,
-                             self.map_border)
+        return self.assemble(self.coarse_maps(images), images.shape[-2:], self.smoothing_sigma)
 
     def image_score(self, amap: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """From the smoothed map: its maximum, or with `Model.image_topk` > 0 the mean of that fraction of its

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..backbones import backbone_info
 from ..errors import UadkitError
-from .base import AnomalyModel, to_input_size
+from .base import AnomalyModel
 from .search import BankSearch, exact_maximum, nearest
 
 
@@ -131,15 +131,12 @@ class PatchCore(AnomalyModel):
         score = weight * patch.max(1).values
         return patch.reshape(b, 1, h, w), score
 
-    def _map(self, coarse: torch.Tensor, sigma: float) -> torch.Tensor:
-        return to_input_size([coarse], self.input_size, sigma, border=self.map_border)
-
     def coarse_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.score_embedding(self.features(images))[0]]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         coarse, score = self.score_embedding(self.features(images))
-        return self._map(coarse, self.smoothing_sigma), score
+        return self.assemble([coarse], self.input_size, self.smoothing_sigma), score
 
     # An approximate search cannot be traced into a graph: exported graphs then stop at the patch embedding
     # and every runtime runs `finish` (search, map, score, normalisation) on it, the same code as torch.
@@ -153,7 +150,7 @@ class PatchCore(AnomalyModel):
         if not self.search.approximate:
             return outputs
         coarse, score = self.score_embedding(outputs[0])
-        amap = self._map(coarse, self.smoothing_sigma)
+        amap = self.assemble([coarse], self.input_size, self.smoothing_sigma)
         return (amap, score, *self.normalise(amap, score))
 
     def head_state(self) -> dict[str, torch.Tensor]:
@@ -187,7 +184,7 @@ class PatchCore(AnomalyModel):
             bank = self.memory_bank[rows != g]
             for part in ids.split(chunk):
                 coarse, score = self.score_embedding(emb[part].to(self.device), bank)
-                amap = self._map(coarse, self.smoothing_sigma)
+                amap = self.assemble([coarse], self.input_size, self.smoothing_sigma)
                 scores[part.numpy()] = score.cpu().numpy()
                 maxima[part.numpy()] = amap.flatten(1).amax(1).cpu().numpy()
                 maps.update(zip(part.tolist(), F.adaptive_avg_pool2d(amap.float(), grid)[:, 0].cpu().numpy()))

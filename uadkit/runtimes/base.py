@@ -65,7 +65,6 @@ class ExportedRuntime:
         # tiling and region of interest travel in the exported Model config; the shared predictor applies them
         # around the graph (which scores one tile at the input size) with these thresholds and scales
         self.cfg = dict(self.info.get("Model") or {})
-        self.cfg.setdefault("map_border", "clamp")  # exported before the key: the maps its thresholds were set on
         from ..engine.calibration import CALIBRATION_KEYS
 
         self.calibration = torch.tensor([float(self.info["calibration"][k]) for k in CALIBRATION_KEYS])
