@@ -237,3 +237,29 @@ def test_score_layers_outside_the_trained_stages_is_one_line_naming_the_key(bad)
                                           r"from Model.layers \(stage2, stage3, stage5\)") as e:
         create_model("STFPM", score_layers=bad)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.9])
+def test_hard_quantile_loss_is_the_mean_of_each_images_worst_matched_positions(q):
+    det = create_model("STFPM", input_size=[64, 64], hard_quantile=q)
+    model = det.model
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d = stage_distances(model.teacher(x), model.student(x))
+        want = 0.0
+        for m in d:
+            flat = m.flatten(1)
+            n = flat.shape[1] if not q else max(1, int(flat.shape[1] * (1 - q)))
+            # each image's own highest distances, found by sorting (not by the model's top-k)
+            want += float(torch.sort(flat, dim=1, descending=True).values[:, :n].mean())
+        got = float(model.training_loss(x, None))
+    assert got == pytest.approx(want, rel=1e-5)
+    if q:  # the worst-matched positions only: more than the plain mean it replaces
+        assert got > float(sum(m.mean() for m in d)) + 1e-3
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1])
+def test_hard_quantile_outside_0_1_is_one_line_naming_the_key(bad):
+    with pytest.raises(UadkitError, match=r"^config key 'Model.hard_quantile': expected a value in \[0, 1\)") as e:
+        create_model("STFPM", hard_quantile=bad).model  # noqa: B018
+    assert "\n" not in str(e.value)

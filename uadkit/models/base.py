@@ -105,6 +105,13 @@ def topk_count(frac: float, area: int) -> int:
     return max(1, round(frac * area))
 
 
+def hard_mean(values: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Mean of the values above their `quantile` along the last axis (at least one per row): a loss that
+    teaches only what is still predicted worst (EfficientAD's hard-feature loss, STFPM's `hard_quantile`)."""
+    k = max(1, int(values.shape[-1] * (1 - quantile)))
+    return values.topk(k, dim=-1).values.mean()
+
+
 def squash(x: torch.Tensor, threshold: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Two-sided logistic: sigmoid((x - t) / s), s = `low` below the threshold and `high` above it."""
     return torch.sigmoid((x - threshold) / torch.where(x < threshold, low, high))

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..backbones import backbone_info
 from ..errors import UadkitError
-from .base import AnomalyModel
+from .base import AnomalyModel, hard_mean
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, act: bool = True) -> list[nn.Module]:
@@ -244,9 +244,8 @@ class EfficientAD(AnomalyModel):
         loss = torch.zeros((), device=t.device)
         for j, s in enumerate(students):
             # hard-feature loss: only the worst-predicted feature elements teach the student
-            flat = (t - s[:, :c]).pow(2).flatten()
-            k = max(1, int(flat.numel() * (1 - self.cfg["hard_quantile"])))
-            loss = loss + flat.topk(k).values.mean()
+            # over the whole batch: each image's own top 1 % instead measured 0.9141 against 0.9186 (screw)
+            loss = loss + hard_mean((t - s[:, :c]).pow(2).flatten(), self.cfg["hard_quantile"])
             if penalised is not None:
                 loss = loss + penalised[j][:, :c].pow(2).mean()
         if not self.ae_weight:  # the autoencoder branch is off: nothing to learn for it
