@@ -16,14 +16,18 @@ from uadkit.engine.checkpoint import load_model_dir
 LOSS_RTOL = 0.05
 
 
-def _train(name, demo_dir, out, n, **kw):
-    return create_model(name, input_size=[64, 64]).train(dataset_dir=demo_dir, output=str(out), num_processes=n,
-                                                          **kw)
+def _train(name, demo_dir, out, n, model_kw=None, **kw):
+    return create_model(name, input_size=[64, 64], **(model_kw or {})).train(dataset_dir=demo_dir, output=str(out),
+                                                                             num_processes=n, **kw)
 
 
 def test_two_processes_follow_the_single_process_loss_curve(demo_dir, tmp_path):
-    one = _train("STFPM", demo_dir, tmp_path / "one", 1, epochs_iters=3, batch_size=8)
-    two = _train("STFPM", demo_dir, tmp_path / "two", 2, epochs_iters=3, batch_size=8)
+    # PaddleX's plain mean loss: STFPM's default hard loss follows each image's worst positions, which moves
+    # with the per-process BatchNorm statistics (no SyncBatchNorm on CPU), so its curves part by up to 6 % in
+    # three epochs here (README); the mean shows whether gradients, data order and batches are the same
+    plain = {"hard_quantile": 0.0}
+    one = _train("STFPM", demo_dir, tmp_path / "one", 1, plain, epochs_iters=3, batch_size=8)
+    two = _train("STFPM", demo_dir, tmp_path / "two", 2, plain, epochs_iters=3, batch_size=8)
     a = [h["train_loss"] for h in one["train"]["history"]]
     b = [h["train_loss"] for h in two["train"]["history"]]
     assert np.allclose(a, b, rtol=LOSS_RTOL), (a, b)
