@@ -7,13 +7,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from uadkit import create_model
 from uadkit.engine.checkpoint import load_model_dir
 
-# Stated tolerance: with N processes each BatchNorm sees 1/N of the global batch, so per-epoch losses may
-# differ from one process's by a few percent; everything else (data order, global batch, optimiser) is equal.
-LOSS_RTOL = 0.05
+# Stated tolerance: BatchNorm normalises by the global batch on every process and everything else (data
+# order, global batch, optimiser) is equal, so the curves differ only by the order of float sums, which SGD
+# at lr 0.4 amplifies: one process with 1 thread against 2 parts from itself by 0.8 % in three epochs here,
+# two processes by 0.35 % (with each BatchNorm on its own half of the batch: 7.8 %)
+LOSS_RTOL = 0.02
 
 
 def _train(name, demo_dir, out, n, model_kw=None, **kw):
@@ -22,14 +25,12 @@ def _train(name, demo_dir, out, n, model_kw=None, **kw):
 
 
 def test_two_processes_follow_the_single_process_loss_curve(demo_dir, tmp_path):
-    # PaddleX's plain mean loss: STFPM's default hard loss follows each image's worst positions, which moves
-    # with the per-process BatchNorm statistics (no SyncBatchNorm on CPU), so its curves part by up to 6 % in
-    # three epochs here (README); the mean shows whether gradients, data order and batches are the same
-    plain = {"hard_quantile": 0.0}
-    one = _train("STFPM", demo_dir, tmp_path / "one", 1, plain, epochs_iters=3, batch_size=8)
-    two = _train("STFPM", demo_dir, tmp_path / "two", 2, plain, epochs_iters=3, batch_size=8)
-    a = [h["train_loss"] for h in one["train"]["history"]]
-    b = [h["train_loss"] for h in two["train"]["history"]]
+    # STFPM's default loss on each image's worst positions: it follows whatever BatchNorm makes of the batch.
+    # One step per epoch (14 training images, batch 16): a longer run at lr 0.4 amplifies float order further.
+    one = _train("STFPM", demo_dir, tmp_path / "one", 1, epochs_iters=3, batch_size=16)
+    two = _train("STFPM", demo_dir, tmp_path / "two", 2, epochs_iters=3, batch_size=16)
+    a = [h[k] for h in one["train"]["history"] for k in ("train_loss", "val_loss")]
+    b = [h[k] for h in two["train"]["history"] for k in ("train_loss", "val_loss")]
     assert np.allclose(a, b, rtol=LOSS_RTOL), (a, b)
     log = open(tmp_path / "two" / "train.log").read()
     assert all(log.count(f"epoch {k}/3 ") == 1 for k in (1, 2, 3))  # one writer, no duplicated lines
@@ -37,6 +38,64 @@ def test_two_processes_follow_the_single_process_loss_curve(demo_dir, tmp_path):
     assert os.listdir(tmp_path / "two" / "checkpoints") == ["last"]
     model, _ = load_model_dir(str(tmp_path / "two" / "best_model"))
     assert bool(model.is_calibrated)
+
+
+def _bn_data() -> tuple[torch.Tensor, torch.Tensor, torch.nn.BatchNorm2d]:
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(8, 4, 5, 5, generator=g) * 3 + 1, torch.randn(8, 4, 5, 5, generator=g)
+    bn = torch.nn.BatchNorm2d(4, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(4, generator=g) + 0.5)
+        bn.bias.copy_(torch.rand(4, generator=g) - 0.5)
+    return x, r, bn
+
+
+def _bn_step(bn: torch.nn.BatchNorm2d, x: torch.Tensor, r: torch.Tensor) -> tuple[float, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    loss = (bn(x).pow(3) * r).mean()  # not invariant to the normalisation: needs the right mean and variance
+    loss.backward()
+    return float(loss.detach()), x.grad
+
+
+def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from uadkit.engine.distributed import DistContext, synced_batchnorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x, r, bn = _bn_data()
+    with synced_batchnorm(bn, DistContext(rank, world)):
+        loss, gx = _bn_step(bn, x[rank::world], r[rank::world])
+    for p in bn.parameters():  # what DDP does with the parameters' gradients
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    torch.save({"loss": loss, "gx": gx, "gw": bn.weight.grad, "gb": bn.bias.grad, "mean": bn.running_mean,
+                "var": bn.running_var, "cls": type(bn)}, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_batchnorm_on_two_processes_computes_what_one_does_on_the_whole_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bn_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    x, r, bn = _bn_data()
+    loss, gx = _bn_step(bn, x, r)
+    parts = [torch.load(tmp_path / f"{k}.pt", weights_only=False) for k in (0, 1)]
+    assert np.isclose((parts[0]["loss"] + parts[1]["loss"]) / 2, loss, rtol=1e-5)
+    for k in (0, 1):
+        p = parts[k]
+        # each rank's loss is its half's mean: its inputs' gradients are twice the whole batch's mean's
+        assert torch.allclose(p["gx"], 2 * gx[k::2], atol=1e-5)
+        assert torch.allclose(p["gw"], bn.weight.grad, atol=1e-5) and torch.allclose(p["gb"], bn.bias.grad, atol=1e-5)
+        assert torch.allclose(p["mean"], bn.running_mean, atol=1e-5) and torch.allclose(p["var"], bn.running_var,
+                                                                                        atol=1e-5)
+        assert p["cls"] is torch.nn.BatchNorm2d  # plain again after training: saved and exported as usual
 
 
 def test_distributed_fit_gathers_the_same_memory_bank(demo_dir, tmp_path):

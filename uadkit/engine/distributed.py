@@ -11,17 +11,19 @@ A crashed worker ends the whole job with an error naming the rank; collectives t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from ..errors import UadkitError
 from .device import parse_devices
@@ -75,6 +77,69 @@ class DistContext:
 
 
 SINGLE = DistContext()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: each process's gradient is the sum of every process's (torch's
+    own, torch.distributed.nn.functional.all_reduce, is deprecated without an autograd successor)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _SyncedBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch, over every process.
+
+    torch's SyncBatchNorm runs on GPUs only; on CPU each of N processes would normalise by its own 1/N of the
+    batch, and a loss that picks each image's worst positions (STFPM's) then follows other positions than one
+    process would. Two differentiable all-reduces per layer (the sum and count, then the squared deviations from
+    the global mean) make N processes compute what one does, up to the order of float sums."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims, dtype = [0, 2, 3], x.dtype
+        x = x.float()  # statistics in fp32, as torch's BatchNorm keeps them under autocast
+        total = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.shape[1]])]))
+        count = total[-1]
+        mean = total[:-1] / count
+        centred = x - mean[None, :, None, None]
+        var = _AllReduceSum.apply(centred.pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (count / (count - 1).clamp(min=1)), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(dtype)
+
+
+@contextlib.contextmanager
+def synced_batchnorm(model: nn.Module, ctx: DistContext) -> Iterator[None]:
+    """While training on several processes, every trainable BatchNorm2d of `model` uses the global batch's
+    statistics. The modules change class in place (parameters, buffers and the optimiser's references stay)
+    and change back afterwards, so what is saved and exported is plain BatchNorm."""
+    swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d and not getattr(m, "frozen", False)
+               and any(p.requires_grad for p in m.parameters())] if ctx.active else []
+    for m in swapped:
+        m.__class__ = _SyncedBatchNorm
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.__class__ = nn.BatchNorm2d
 
 
 def requested_world(cfg: dict) -> int:

@@ -28,7 +28,7 @@ from ..models import AnomalyModel
 from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
 from .checkpoint import load_train_state, save_model_dir
 from .device import autocast, full_fp32, main_device, training_precision
-from .distributed import SINGLE, DistContext
+from .distributed import SINGLE, DistContext, synced_batchnorm
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
 from .map_check import GRID, check_alignment, check_good_maps
 from .records import seed_everything, setup_logging, write_run_records
@@ -297,7 +297,8 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     t0 = time.time()
     feats = None
     if model.trainable:
-        info = train_gradient(model, index, cfg, out, device, ctx)
+        with synced_batchnorm(model, ctx):  # N processes normalise as one would
+            info = train_gradient(model, index, cfg, out, device, ctx)
     else:
         with full_fp32(device):  # a fit pass extracts features as scoring will
             info, feats = fit_distributed(model, fit_samples, cfg["Train"]["batch_size"], device, ctx,
