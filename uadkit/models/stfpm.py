@@ -41,9 +41,10 @@ class STFPM(AnomalyModel):
     # time: screw 0.876 / 0.988 / 0.937)
     model_defaults = {"input_size": [320, 320], "anomaly_map_mode": "product", "image_topk": 0.001,
                       "score_layers": None, "hard_quantile": 0.9}
-    # 70 epochs: with channels-last training they fit in 11.4 min on 2 cores (mvtec_screw), and the student
-    # keeps learning (validation loss 0.203 at the end of a 30-epoch run, 0.13 at 60, 0.12 at 70). Image /
-    # pixel AUROC / AUPRO at 30: 0.823 / 0.980 / 0.903, 60: 0.834 / 0.986 / 0.927, 70: 0.842 / 0.987 / 0.933.
+    # 70 epochs: with channels-last training they fit in 11.4 min on 2 cores at 256 px (1.5x that at 320;
+    # mvtec_screw), and the student keeps learning (validation loss 0.203 at the end of a 30-epoch run, 0.13 at
+    # 60, 0.12 at 70). Image / pixel AUROC / AUPRO at 30: 0.823 / 0.980 / 0.903, 60: 0.834 / 0.986 / 0.927, 70:
+    # 0.842 / 0.987 / 0.933.
     # Lite2 at 30 epochs: 0.832 / 0.980 / 0.903 in 7.0 min.
     train_defaults = {"epochs_iters": 70, "batch_size": 8, "learning_rate": 0.4, "momentum": 0.9,
                       "weight_decay": 1e-4, "lr_scheduler": "cosine", "cache_teacher": True}
