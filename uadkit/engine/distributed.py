@@ -131,8 +131,8 @@ def synced_batchnorm(model: nn.Module, ctx: DistContext) -> Iterator[None]:
     """While training on several processes, every trainable BatchNorm2d of `model` uses the global batch's
     statistics. The modules change class in place (parameters, buffers and the optimiser's references stay)
     and change back afterwards, so what is saved and exported is plain BatchNorm."""
-    swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d and not getattr(m, "frozen", False)
-               and any(p.requires_grad for p in m.parameters())] if ctx.active else []
+    swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d
+               and any(p.requires_grad for p in m.parameters())] if ctx.active else []  # not frozen teachers
     for m in swapped:
         m.__class__ = _SyncedBatchNorm
     try:
