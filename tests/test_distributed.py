@@ -57,33 +57,26 @@ def _bn_step(bn: torch.nn.BatchNorm2d, x: torch.Tensor, r: torch.Tensor) -> tupl
     return float(loss.detach()), x.grad
 
 
-def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
+def _bn_worker(cfg: dict, ctx) -> None:
     import torch.distributed as dist
 
-    from uadkit.engine.distributed import DistContext, synced_batchnorm
+    from uadkit.engine.distributed import synced_batchnorm
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     x, r, bn = _bn_data()
-    with synced_batchnorm(bn, DistContext(rank, world)):
-        loss, gx = _bn_step(bn, x[rank::world], r[rank::world])
+    with synced_batchnorm(bn, ctx):
+        loss, gx = _bn_step(bn, x[ctx.rank::ctx.world], r[ctx.rank::ctx.world])
     for p in bn.parameters():  # what DDP does with the parameters' gradients
         dist.all_reduce(p.grad)
-        p.grad /= world
+        p.grad /= ctx.world
     torch.save({"loss": loss, "gx": gx, "gw": bn.weight.grad, "gb": bn.bias.grad, "mean": bn.running_mean,
-                "var": bn.running_var, "cls": type(bn)}, os.path.join(out, f"{rank}.pt"))
-    dist.destroy_process_group()
+                "var": bn.running_var, "cls": type(bn)}, os.path.join(cfg["out"], f"{ctx.rank}.pt"))
 
 
 def test_batchnorm_on_two_processes_computes_what_one_does_on_the_whole_batch(tmp_path):
-    import socket
+    from uadkit.engine.distributed import spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_bn_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # the engine's own launcher: one gloo process per rank on loopback, as training uses
+    spawn(_bn_worker, {"Global": {"device": "cpu", "dist_timeout_s": 120}, "out": str(tmp_path)}, 2)
     x, r, bn = _bn_data()
     loss, gx = _bn_step(bn, x, r)
     parts = [torch.load(tmp_path / f"{k}.pt", weights_only=False) for k in (0, 1)]
