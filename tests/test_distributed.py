@@ -119,7 +119,8 @@ def test_torchrun_launch_trains_once(demo_dir, tmp_path):
                         "main.py", "-c", "configs/PaDiM.yaml", "-o", "Global.mode=train",
                         "-o", f"Global.dataset_dir={demo_dir}", "-o", f"Global.output={tmp_path}",
                         "-o", "Model.input_size=[64,64]"], capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # a failing rank's own message comes before torchrun's summary: keep both
+    assert r.returncode == 0, [ln for ln in r.stderr.splitlines() if "rror" in ln or "terminate" in ln][:20]
     res = json.load(open(tmp_path / "train_result.json"))
     from uadkit.data.formats import load_index
 
