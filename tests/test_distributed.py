@@ -114,6 +114,18 @@ def test_a_dead_worker_stops_the_job_with_a_clear_error(demo_dir, tmp_path):
     assert not os.path.exists(tmp_path / "best_model")
 
 
+def test_a_worker_that_raises_stops_the_job_and_leaves_no_temp_files(demo_dir, tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    r = _cli("-c", "configs/STFPM.yaml", "-o", f"Global.dataset_dir={demo_dir}", "-o", f"Global.output={tmp_path}",
+             "-o", "Model.input_size=[64,64]", "-o", "Global.num_processes=2",
+             env={"UADKIT_FAULT_RANK": "1:raise", "TMPDIR": str(temp)}, timeout=180)
+    assert r.returncode == 2 and "rank 1" in r.stderr and "injected fault" in r.stderr
+    # torch.multiprocessing writes the failed worker's traceback to a temp file: read, then removed
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("pytorch-errorfile")]
+    assert not os.path.exists(tmp_path / "best_model")
+
+
 def test_torchrun_launch_trains_once(demo_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "main.py", "-c", "configs/PaDiM.yaml", "-o", "Global.mode=train",

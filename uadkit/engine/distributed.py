@@ -183,9 +183,13 @@ def _worker(rank: int, world: int, port: int, fn: Callable[[dict, DistContext], 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     ctx = init_from_env(cfg)
-    if os.environ.get("UADKIT_FAULT_RANK") == str(rank):  # fault injection, to test that a dead worker stops the job
+    # fault injection, to test that a worker that dies (RANK) or raises (RANK:raise) stops the job
+    fault = os.environ.get("UADKIT_FAULT_RANK", "").split(":")
+    if fault[0] == str(rank) and len(fault) == 1:
         os._exit(3)
     try:
+        if fault == [str(rank), "raise"]:
+            raise RuntimeError("injected fault")
         fn(cfg, ctx)
     except UadkitError:
         raise
@@ -199,8 +203,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable[[dict, DistContext], 
 def spawn(fn: Callable[[dict, DistContext], Any], cfg: dict, world: int) -> None:
     """Run fn(cfg, ctx) in `world` local processes; any worker failing stops them all."""
     parse_devices(cfg["Global"]["device"])  # a device that is not there: one line here, not N failing workers
+    procs = mp.start_processes(_worker, args=(world, _free_port(), fn, cfg), nprocs=world, join=False,
+                               start_method="spawn")
     try:
-        mp.spawn(_worker, args=(world, _free_port(), fn, cfg), nprocs=world, join=True)
+        while not procs.join():
+            pass
     except mp.ProcessRaisedException as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if ln.startswith(("RuntimeError: rank", "uadkit.errors.UadkitError"))),
@@ -209,3 +216,8 @@ def spawn(fn: Callable[[dict, DistContext], Any], cfg: dict, world: int) -> None
     except mp.ProcessExitedException as e:
         raise UadkitError(f"a worker process died (exit code {e.exit_code}, rank {e.error_index}); "
                           "job stopped") from e
+    finally:
+        # torch leaves a failed worker's traceback file in the temp folder after reading it
+        for path in procs.error_files:
+            with contextlib.suppress(OSError):
+                os.remove(path)
