@@ -91,3 +91,17 @@ def test_bad_pretrained_path(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UadkitError, match="not a torch state_dict"):
         FeatureExtractor("resnet18", ["layer1"], pretrained_path=str(tmp_path / "junk.pth"))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "wide_resnet50_2"])
+def test_a_slimmer_trunk_has_the_same_stages_and_outputs_for_fewer_weights(name):
+    stages = backbone_info(name).stfpm_stages
+    full = FeatureExtractor(name, stages, pretrained=False)
+    slim = FeatureExtractor(name, stages, pretrained=False, inner=0.5)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert [f.shape for f in slim(x)] == [f.shape for f in full(x)]
+    n_full, n_slim = (sum(p.numel() for p in m.parameters()) for m in (full, slim))
+    assert n_slim < 0.7 * n_full
+    with pytest.raises(ValueError, match="full-width"):  # ImageNet weights are for the full trunk only
+        FeatureExtractor(name, stages, pretrained=True, inner=0.5)

@@ -263,3 +263,44 @@ def test_hard_quantile_outside_0_1_is_one_line_naming_the_key(bad):
     with pytest.raises(UadkitError, match=r"^config key 'Model.hard_quantile': expected a value in \[0, 1\)") as e:
         create_model("STFPM", hard_quantile=bad).model  # noqa: B018
     assert "\n" not in str(e.value)
+
+
+def _inner_widths(extractor) -> list[int]:
+    return [b._depthwise_conv.out_channels for b in extractor.trunk._blocks]
+
+
+def test_a_half_width_student_matches_every_teacher_stage_and_saves_and_loads(demo_dir, tmp_path):
+    det = create_model("STFPM", input_size=[64, 64], student_inner=0.5, epochs_iters=1)
+    det.train(dataset_dir=demo_dir, output=str(tmp_path))
+    model = det.model
+    teacher, student = _inner_widths(model.teacher), _inner_widths(model.student)
+    # blocks that expand (all but the first) do so 3x instead of 6x; the first keeps its width
+    assert student[0] == teacher[0] and all(2 * s == t for s, t in zip(student[1:], teacher[1:]))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    loaded, _ = load_model_dir(str(tmp_path / "best_model"))
+    assert loaded.cfg["student_inner"] == 0.5 and _inner_widths(loaded.student) == student
+    with torch.no_grad():
+        assert [f.shape for f in model.student(x)] == [f.shape for f in model.teacher(x)]
+        torch.testing.assert_close(loaded.smoothed_map(x), model.eval().smoothed_map(x))
+
+
+def test_a_folder_saved_before_student_inner_keeps_the_teachers_architecture(demo_dir, tmp_path):
+    # trained with the full-width student, then its model.yaml written as before the key existed
+    det = create_model("STFPM", input_size=[64, 64], student_inner=None, epochs_iters=1)
+    det.train(dataset_dir=demo_dir, output=str(tmp_path))
+    meta_path = tmp_path / "best_model" / "model.yaml"
+    meta = yaml.safe_load(open(meta_path))
+    assert meta["Model"].pop("student_inner") is None
+    meta_path.write_text(yaml.safe_dump(meta))
+    model, _ = load_model_dir(str(tmp_path / "best_model"))
+    assert _inner_widths(model.student) == _inner_widths(model.teacher)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.smoothed_map(x), det.model.eval().smoothed_map(x))
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, "half", True])
+def test_student_inner_outside_0_1_is_one_line_naming_the_key(bad):
+    with pytest.raises(UadkitError, match=r"^config key 'Model.student_inner': expected null or a fraction") as e:
+        create_model("STFPM", student_inner=bad).model  # noqa: B018
+    assert "\n" not in str(e.value)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UadkitError
 from . import resnet
-from .efficientnet_lite import EfficientNetLite, block_specs
+from .efficientnet_lite import EfficientNetLite, block_specs, scale_inner
 
 TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -35,7 +35,7 @@ class BackboneInfo:
     std: tuple[float, float, float]
     stfpm_stages: tuple[str, ...]   # three stages at strides 4, 8, 16
     patch_stages: tuple[str, ...]   # two mid-level stages (PatchCore / PaDiM)
-    build: Callable[[bool], nn.Module]
+    build: Callable[..., nn.Module]  # (with_head, inner=1.0): inner < 1 scales the blocks' inner widths
     weights: Callable[[], dict[str, torch.Tensor]]
 
 
@@ -60,8 +60,8 @@ def _lite_specs(variant: str) -> tuple:
 
 
 def _lite_arch(variant: str) -> Callable[[bool], nn.Module]:
-    def build(with_head: bool) -> nn.Module:
-        return EfficientNetLite(list(_lite_specs(variant)), with_head=with_head)
+    def build(with_head: bool, inner: float = 1.0) -> nn.Module:
+        return EfficientNetLite(scale_inner(list(_lite_specs(variant)), inner), with_head=with_head)
     return build
 
 
@@ -126,11 +126,15 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, name: str, stages: list[str] | tuple[str, ...], pretrained: bool = True,
-                 pretrained_path: str | None = None) -> None:
+                 pretrained_path: str | None = None, inner: float = 1.0) -> None:
+        """`inner` < 1 builds a slimmer trunk (blocks' inner widths scaled, stage outputs unchanged): for a
+        student trained from scratch; ImageNet weights fit only the full one."""
         super().__init__()
         info = backbone_info(name)
         self.name = name
-        self.trunk = info.build(False)
+        if pretrained and inner != 1.0:
+            raise ValueError("ImageNet weights fit only the full-width trunk (inner=1.0)")
+        self.trunk = info.build(False, inner)
         unknown = [s for s in stages if s not in self.trunk.stage_channels]
         if unknown or not stages:
             raise UadkitError(f"Model.layers: stages {unknown or stages} do not exist in '{name}'; "

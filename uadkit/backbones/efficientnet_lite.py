@@ -76,6 +76,13 @@ def block_specs(state_dict: dict[str, torch.Tensor]) -> list[tuple[int, int, int
     return specs
 
 
+def scale_inner(specs: list[tuple[int, int, int, int, int, int]], inner: float
+                ) -> list[tuple[int, int, int, int, int, int]]:
+    """The blocks with their expansion ratio scaled by `inner` (6 -> 3 at 0.5): the same stages and outputs,
+    a fraction of the inner width, which is most of the work at high resolution (a slimmer student)."""
+    return [(st, cin, cout, e if e == 1 else max(1, round(e * inner)), k, s) for st, cin, cout, e, k, s in specs]
+
+
 class EfficientNetLite(nn.Module):
     """Feature trunk only (stem + blocks); the classifier head is optional, for the weight self-test."""
 

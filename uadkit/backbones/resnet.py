@@ -9,11 +9,12 @@ from torch import nn
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, width: int = 64) -> None:
+    def __init__(self, cin: int, planes: int, stride: int = 1, width: int = 64, inner: float = 1.0) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        mid = max(1, round(planes * inner))  # `inner` < 1: a slimmer block with the same output (a student)
+        self.conv1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
@@ -29,9 +30,9 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, width: int = 64) -> None:
+    def __init__(self, cin: int, planes: int, stride: int = 1, width: int = 64, inner: float = 1.0) -> None:
         super().__init__()
-        mid = int(planes * width / 64)
+        mid = max(1, round(int(planes * width / 64) * inner))
         out = planes * self.expansion
         self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
@@ -52,7 +53,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[nn.Module], layers: list[int], width: int = 64, with_head: bool = False) -> None:
+    def __init__(self, block: type[nn.Module], layers: list[int], width: int = 64, with_head: bool = False,
+                 inner: float = 1.0) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -65,7 +67,7 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, planes, stride if j == 0 else 1, width))
+                blocks.append(block(cin, planes, stride if j == 0 else 1, width, inner))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             self.stage_channels[f"layer{i + 1}"] = cin
@@ -98,9 +100,9 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet18(with_head: bool = False) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], with_head=with_head)
+def resnet18(with_head: bool = False, inner: float = 1.0) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], with_head=with_head, inner=inner)
 
 
-def wide_resnet50_2(with_head: bool = False) -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3], width=128, with_head=with_head)
+def wide_resnet50_2(with_head: bool = False, inner: float = 1.0) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], width=128, with_head=with_head, inner=inner)
