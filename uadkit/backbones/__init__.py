@@ -59,7 +59,7 @@ def _lite_specs(variant: str) -> tuple:
     return tuple(block_specs(_lite_package_weights(variant)))
 
 
-def _lite_arch(variant: str) -> Callable[[bool], nn.Module]:
+def _lite_arch(variant: str) -> Callable[..., nn.Module]:
     def build(with_head: bool, inner: float = 1.0) -> nn.Module:
         return EfficientNetLite(scale_inner(list(_lite_specs(variant)), inner), with_head=with_head)
     return build
