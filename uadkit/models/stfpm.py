@@ -41,8 +41,8 @@ class STFPM(AnomalyModel):
     # time: screw 0.876 / 0.988 / 0.937)
     # student_inner 0.67: the student's blocks at two-thirds of the teacher's inner width (MBConv expansion 6 ->
     # 4, same outputs): training 0.67x as long, screw 0.918 -> 0.931 (seed 42), 0.911 at seed 1 (full: 0.903),
-    # generated parts 0.866 -> 0.855, AUPRO 0.910 -> 0.926; 0.5 ranked worse (screw 0.885); the
-    # teacher's architecture, PaddleX's, is 1 (README)
+    # generated parts 0.866 -> 0.855, AUPRO 0.910 -> 0.926; 0.5 ranked worse (screw 0.885); 1 = the teacher's
+    # architecture, PaddleX's (README)
     model_defaults = {"input_size": [320, 320], "anomaly_map_mode": "product", "image_topk": 0.001,
                       "score_layers": None, "hard_quantile": 0.9, "student_inner": 0.67}
     # 70 epochs: with channels-last training they fit in 11.4 min on 2 cores at 256 px (1.5x that at 320;
@@ -69,7 +69,7 @@ class STFPM(AnomalyModel):
             raise UadkitError(f"config key 'Model.hard_quantile': expected a value in [0, 1) (0 = every "
                               f"position), got {model_cfg['hard_quantile']!r}")
         inner = model_cfg.get("student_inner")
-        if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int | float) or not 0 < inner <= 1):
+        if inner is not None and not 0 < float(inner) <= 1:  # its type is the config schema's check
             raise UadkitError(f"config key 'Model.student_inner': expected a fraction in (0, 1] of the teacher's "
                               f"inner widths (1 = its architecture), got {inner!r}")
         chosen = model_cfg.get("score_layers")
