@@ -220,26 +220,29 @@ def test_image_topk_scores_the_mean_of_the_highest_pixels():
 @pytest.mark.parametrize("name", sorted(n for n, c in MODELS.items() if c.trainable))
 def test_bf16_training_steps_change_the_arithmetic_not_the_outcome(name, val_demo, tmp_path):
     """Train.precision=bf16 runs the steps under autocast: the loss history moves in its low digits only, and
-    the weights and the saved model stay fp32 (scoring is fp32 whatever trained it)."""
+    the weights and the saved model stay fp32 (scoring is fp32 whatever trained it). tf32 is a GPU's: a CPU
+    trains in fp32 for it, the same history to the digit."""
     runs = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "tf32", "bf16"):
         out = str(tmp_path / precision)
         assert main(["-o", f"Global.model={name}", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={val_demo}",
                      "-o", f"Global.output={out}", "-o", "Model.input_size=[64,64]", "-o", "Train.batch_size=4",
                      "-o", "Train.epochs_iters=3", "-o", "Train.export=false", "-o", f"Train.precision={precision}",
                      "-o", "Train.calibration.synthetic_images=0"]) == 0
         runs[precision] = json.load(open(os.path.join(out, "train_result.json")))["train"]
-        assert runs[precision]["precision"] == precision
-        assert f"training steps in {precision}" in open(os.path.join(out, "train.log")).read()
+        used = "fp32" if precision == "tf32" else precision
+        assert runs[precision]["precision"] == used
+        assert f"training steps in {used} (Train.precision {precision})" in open(os.path.join(out, "train.log")).read()
         model, _ = load_model_dir(os.path.join(out, "best_model"))
         assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
     fp32, bf16 = ([h["train_loss"] for h in runs[p]["history"]] for p in ("fp32", "bf16"))
     assert fp32 != bf16  # the steps did run in bfloat16
     assert np.allclose(bf16, fp32, rtol=0.05)
+    assert [h["train_loss"] for h in runs["tf32"]["history"]] == fp32
 
 
 def test_an_unknown_training_precision_is_one_line_naming_the_key():
     from uadkit.errors import UadkitError
 
-    with pytest.raises(UadkitError, match=r"Train.precision': expected one of fp32, bf16, auto, got 'fp16'"):
+    with pytest.raises(UadkitError, match=r"Train.precision': expected one of fp32, tf32, bf16, auto, got 'fp16'"):
         load_config(None, ["Global.model=EfficientAD", "Train.precision=fp16"])

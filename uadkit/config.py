@@ -69,7 +69,7 @@ COMMON: dict[str, dict[str, Any]] = {
         "resume_path": None,
         "save_interval": 0,        # epochs between extra checkpoints; 0 = only last and best
         "export": True,            # write best_model/inference (ONNX) at the end of training
-        "precision": "fp32",       # training steps: fp32 | bf16 | auto (bf16 where the CPU has it); scoring is fp32
+        "precision": "fp32",       # steps: fp32 | tf32 (GPU) | bf16 | auto (bf16 on CPUs with it); scoring is fp32
     },
     "Evaluate": {"model_dir": None, "batch_size": 8, "num_examples": 6,
                  "run_mode": "torch"},  # any runtime: its accuracy is measured by the same evaluate

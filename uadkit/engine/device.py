@@ -60,7 +60,8 @@ def full_fp32(device: torch.device | str) -> Iterator[None]:
     """Scoring on a GPU in full fp32, not TF32 (torch's default for convolutions): the calibrated thresholds
     then mean the same on a GPU as on the CPU and in the exported runtimes (on an H100 TF32 moved normalised
     scores by up to 0.0055, fp32 by 3e-6). The flags are process-wide: they stay set while any thread is
-    inside and are restored when the last one leaves. Training outside keeps TF32."""
+    inside and are restored when the last one leaves. Training steps run inside too unless `Train.precision`
+    asks for tf32 or bf16."""
     global _fp32_users, _fp32_saved
     if torch.device(device).type != "cuda":
         yield
@@ -82,7 +83,7 @@ def full_fp32(device: torch.device | str) -> Iterator[None]:
                     setattr(obj, name, value)
 
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 
 
 def native_bf16() -> bool:
@@ -94,17 +95,26 @@ def native_bf16() -> bool:
 
 
 def training_precision(precision: str, device: torch.device) -> str:
-    """`Train.precision` -> fp32 | bf16. auto: bf16 on a CPU that has it in hardware, fp32 elsewhere (a GPU
-    trains in TF32; bf16 there is unmeasured, so it is asked for by name). EfficientAD's step on 2 such cores:
-    131 -> 61 ms, but each of four students came out 0.012-0.025 image AUROC weaker (README): opt-in."""
+    """`Train.precision` -> fp32 | tf32 | bf16. fp32 is full fp32 on a GPU too, so a GPU-trained model is the
+    CPU-trained one up to rounding; tf32 (torch's default for GPU convolutions) is fp32 on a CPU, which has no
+    TF32. auto: bf16 on a CPU that has it in hardware, tf32 on a GPU, fp32 elsewhere (bf16 on a GPU is
+    unmeasured, so it is asked for by name). EfficientAD's step on 2 bf16 cores: 131 -> 61 ms, but each of four
+    students came out 0.012-0.025 image AUROC weaker (README): opt-in."""
+    gpu = device.type == "cuda"
     if precision == "auto":
-        return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
-    return precision
+        return "bf16" if device.type == "cpu" and native_bf16() else "tf32" if gpu else "fp32"
+    return "fp32" if precision == "tf32" and not gpu else precision
+
+
+def training_arithmetic(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Around a whole training run: full fp32 for fp32 (on a GPU it switches TF32 off), torch's flags as they
+    are for tf32 and bf16."""
+    return full_fp32(device) if precision == "fp32" else contextlib.nullcontext()
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed precision for a training step: convolutions in bfloat16 under fp32 master weights (torch's
-    autocast keeps losses, norms and reductions in fp32); a no-op for fp32."""
+    autocast keeps losses, norms and reductions in fp32); a no-op for fp32 and tf32."""
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
