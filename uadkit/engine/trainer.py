@@ -30,6 +30,7 @@ from .checkpoint import load_train_state, save_model_dir
 from .device import autocast, full_fp32, main_device, training_arithmetic, training_precision
 from .distributed import SINGLE, DistContext, synced_batchnorm
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
+from .malloc import reuse_freed_memory
 from .map_check import GRID, check_alignment, check_good_maps
 from .records import seed_everything, setup_logging, write_run_records
 
@@ -284,6 +285,7 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     With several processes every rank trains; rank 0 alone calibrates and writes; others return None."""
     out = cfg["Global"]["output"]
     setup_logging(out, ctx.is_main)
+    reuse_freed_memory()  # also when called as a library, and in every process of a distributed job
     if not index.train:
         raise UadkitError(f"Global.dataset_dir '{index.root}': no good training images found")
     seed_everything(cfg["Global"]["seed"])
