@@ -302,14 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # file names that are not valid UTF-8 print escaped, not crash
         sys.stdout.reconfigure(errors="backslashreplace")
     from .data.image_io import quiet_pil_warnings
-    from .engine.malloc import reuse_freed_memory
 
     quiet_pil_warnings()
     try:
         if args.pipeline or args.serve:
             return run_pipeline(args)
         cfg = load_config(args.config, args.override)
-        reuse_freed_memory()  # a batch job: large tensors reuse freed memory instead of fresh pages
         if args.db:
             cfg["Predict"]["db"] = args.db
         mode = cfg["Global"]["mode"]

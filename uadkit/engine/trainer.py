@@ -150,6 +150,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
                    device: torch.device, ctx: DistContext = SINGLE) -> dict[str, Any]:
     precision = training_precision(cfg["Train"]["precision"], device)
     log.info("training steps in %s (Train.precision %s)", precision, cfg["Train"]["precision"])
+    reuse_freed_memory()  # every step's activations from the heap, not fresh pages (in every process of a job)
     # fp32 on a GPU: TF32 off for the whole run, the teacher's targets and validation included (on an H200 an
     # STFPM step's loss then matched the CPU's to 4e-7 where TF32 was 1 % off after one step)
     with training_arithmetic(precision, device):
@@ -285,7 +286,6 @@ def train(model: AnomalyModel, index: DatasetIndex, cfg: dict, ctx: DistContext 
     With several processes every rank trains; rank 0 alone calibrates and writes; others return None."""
     out = cfg["Global"]["output"]
     setup_logging(out, ctx.is_main)
-    reuse_freed_memory()  # also when called as a library, and in every process of a distributed job
     if not index.train:
         raise UadkitError(f"Global.dataset_dir '{index.root}': no good training images found")
     seed_everything(cfg["Global"]["seed"])
