@@ -95,11 +95,11 @@ def native_bf16() -> bool:
 
 
 def training_precision(precision: str, device: torch.device) -> str:
-    """`Train.precision` -> fp32 | tf32 | bf16. fp32 is full fp32 on a GPU too, so a GPU-trained model is the
-    CPU-trained one up to rounding; tf32 (torch's default for GPU convolutions) is fp32 on a CPU, which has no
-    TF32. auto: bf16 on a CPU that has it in hardware, tf32 on a GPU, fp32 elsewhere (bf16 on a GPU is
-    unmeasured, so it is asked for by name). EfficientAD's step on 2 bf16 cores: 131 -> 61 ms, but each of four
-    students came out 0.012-0.025 image AUROC weaker (README): opt-in."""
+    """`Train.precision` -> fp32 | tf32 | bf16. fp32 is full fp32 on a GPU too, so a step computes what the
+    CPU's does up to rounding (later steps amplify rounding on any two machines); tf32 (torch's default for GPU
+    convolutions) is fp32 on a CPU, which has no TF32. auto: bf16 on a CPU that has it in hardware, tf32 on a
+    GPU, fp32 elsewhere (bf16 on a GPU is unmeasured, so it is asked for by name). EfficientAD's step on 2 bf16
+    cores: 131 -> 61 ms, but each of four students came out 0.012-0.025 image AUROC weaker (README): opt-in."""
     gpu = device.type == "cuda"
     if precision == "auto":
         return "bf16" if device.type == "cpu" and native_bf16() else "tf32" if gpu else "fp32"

@@ -13,12 +13,9 @@ scores keeps the defaults too. `UADKIT_MALLOC=system` opts out."""
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import platform
 import sys
-
-log = logging.getLogger("uadkit")
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
