@@ -106,12 +106,6 @@ def training_precision(precision: str, device: torch.device) -> str:
     return "fp32" if precision == "tf32" and not gpu else precision
 
 
-def training_arithmetic(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Around a whole training run: full fp32 for fp32 (on a GPU it switches TF32 off), torch's flags as they
-    are for tf32 and bf16."""
-    return full_fp32(device) if precision == "fp32" else contextlib.nullcontext()
-
-
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed precision for a training step: convolutions in bfloat16 under fp32 master weights (torch's
     autocast keeps losses, norms and reductions in fp32); a no-op for fp32 and tf32."""

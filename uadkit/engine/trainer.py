@@ -8,6 +8,7 @@ loss, optimiser and schedule, what it does before and after training and any ext
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -27,7 +28,7 @@ from ..errors import UadkitError
 from ..models import AnomalyModel
 from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
 from .checkpoint import load_train_state, save_model_dir
-from .device import autocast, full_fp32, main_device, training_arithmetic, training_precision
+from .device import autocast, full_fp32, main_device, training_precision
 from .distributed import SINGLE, DistContext, synced_batchnorm
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
 from .malloc import reuse_freed_memory
@@ -153,7 +154,7 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     reuse_freed_memory()  # every step's activations from the heap, not fresh pages (in every process of a job)
     # fp32 on a GPU: TF32 off for the whole run, the teacher's targets and validation included (on an H200 an
     # STFPM step's loss then matched the CPU's to 4e-7 where TF32 was 1 % off after one step)
-    with training_arithmetic(precision, device):
+    with full_fp32(device) if precision == "fp32" else contextlib.nullcontext():
         return _gradient_loop(model, index, cfg, out, device, ctx, precision)
 
 
