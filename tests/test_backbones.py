@@ -51,6 +51,17 @@ def test_same_padding_is_tensorflows():
     assert float(conv(x2)[0, 0, 3, 3]) == 1.0  # the padded pixel is on the far side
 
 
+def test_symmetric_padding_pads_evenly_with_the_same_output_size():
+    conv = SameConv2d(1, 1, 3, stride=2, bias=False)
+    conv.weight.data.fill_(1.0)
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 2, 2] = 1.0
+    assert float(conv(x).detach()[0, 0, 0, 0]) == 1.0  # TensorFlow's: output (0, 0) sees input rows 0..2
+    conv.symmetric = True
+    y = conv(x).detach()  # evenly: output (i, j) sees rows 2i-1..2i+1, a padded row and column on each side
+    assert y.shape[-2:] == (4, 4) and float(y[0, 0, 0, 0]) == 0.0 and float(y[0, 0, 1, 1]) == 1.0
+
+
 def test_unknown_stage_and_backbone_are_clear_errors():
     with pytest.raises(UadkitError, match="stage9"):
         FeatureExtractor("efficientnet_lite0", ["stage9"])

@@ -286,18 +286,46 @@ def test_a_half_width_student_matches_every_teacher_stage_and_saves_and_loads(de
 
 
 def test_a_folder_saved_before_student_inner_keeps_the_teachers_architecture(demo_dir, tmp_path):
-    # trained with the full-width student, then its model.yaml written as before the key existed
+    # trained with the teacher's architecture and padding, then its model.yaml written as before the keys existed
     det = create_model("STFPM", input_size=[64, 64], student_inner=1.0, epochs_iters=1)
     det.train(dataset_dir=demo_dir, output=str(tmp_path))
     meta_path = tmp_path / "best_model" / "model.yaml"
     meta = yaml.safe_load(open(meta_path))
     assert meta["Model"].pop("student_inner") == 1.0
+    assert meta["Model"].pop("student_padding") == "teacher"
     meta_path.write_text(yaml.safe_dump(meta))
     model, _ = load_model_dir(str(tmp_path / "best_model"))
     assert _inner_widths(model.student) == _inner_widths(model.teacher)
+    assert not any(getattr(m, "symmetric", False) for m in [*model.student.modules(), *model.teacher.modules()])
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model.smoothed_map(x), det.model.eval().smoothed_map(x))
+
+
+@pytest.mark.parametrize("size", [64, 67])
+def test_an_evenly_padded_student_matches_every_teacher_stage_and_saves_and_loads(demo_dir, tmp_path, size):
+    det = create_model("STFPM", input_size=[64, 64], student_padding="symmetric", epochs_iters=1)
+    det.train(dataset_dir=demo_dir, output=str(tmp_path))
+    model = det.model.eval()
+    pads = [m.symmetric for m in model.student.modules() if hasattr(m, "symmetric")]
+    assert pads and all(pads) and not any(m.symmetric for m in model.teacher.modules() if hasattr(m, "symmetric"))
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2))  # odd sizes too
+    loaded, _ = load_model_dir(str(tmp_path / "best_model"))
+    assert loaded.cfg["student_padding"] == "symmetric"
+    with torch.no_grad():
+        assert [f.shape for f in model.student(x)] == [f.shape for f in model.teacher(x)]
+        torch.testing.assert_close(loaded.smoothed_map(x), model.smoothed_map(x))
+        # the padding is what the key says: the same weights padded as the teacher compute other features
+        for m in loaded.student.modules():
+            if hasattr(m, "symmetric"):
+                m.symmetric = False
+        assert not torch.allclose(loaded.student(x)[0], model.student(x)[0])
+
+
+def test_student_padding_other_than_teacher_or_symmetric_is_one_line_naming_the_key():
+    with pytest.raises(UadkitError, match=r"^config key 'Model.student_padding': expected teacher or symmetric, "
+                                          r"got 'same'$"):
+        create_model("STFPM", student_padding="same").model  # noqa: B018
 
 
 @pytest.mark.parametrize("bad", [0, 1.5, "half", True])

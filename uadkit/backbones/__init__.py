@@ -35,7 +35,9 @@ class BackboneInfo:
     std: tuple[float, float, float]
     stfpm_stages: tuple[str, ...]   # three stages at strides 4, 8, 16
     patch_stages: tuple[str, ...]   # two mid-level stages (PatchCore / PaDiM)
-    build: Callable[..., nn.Module]  # (with_head, inner=1.0): inner < 1 scales the blocks' inner widths
+    # (with_head, inner=1.0, symmetric=False): inner < 1 scales the blocks' inner widths; symmetric pads every
+    # convolution evenly instead of TensorFlow's way (EfficientNet-Lite; ResNets pad evenly anyway)
+    build: Callable[..., nn.Module]
     weights: Callable[[], dict[str, torch.Tensor]]
 
 
@@ -60,8 +62,9 @@ def _lite_specs(variant: str) -> tuple:
 
 
 def _lite_arch(variant: str) -> Callable[..., nn.Module]:
-    def build(with_head: bool, inner: float = 1.0) -> nn.Module:
-        return EfficientNetLite(scale_inner(list(_lite_specs(variant)), inner), with_head=with_head)
+    def build(with_head: bool, inner: float = 1.0, symmetric: bool = False) -> nn.Module:
+        return EfficientNetLite(scale_inner(list(_lite_specs(variant)), inner), with_head=with_head,
+                                symmetric=symmetric)
     return build
 
 
@@ -126,15 +129,16 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, name: str, stages: list[str] | tuple[str, ...], pretrained: bool = True,
-                 pretrained_path: str | None = None, inner: float = 1.0) -> None:
-        """`inner` < 1 builds a slimmer trunk (blocks' inner widths scaled, stage outputs unchanged): for a
-        student trained from scratch; ImageNet weights fit only the full one."""
+                 pretrained_path: str | None = None, inner: float = 1.0, symmetric: bool = False) -> None:
+        """`inner` < 1 builds a slimmer trunk (blocks' inner widths scaled, stage outputs unchanged) and
+        `symmetric` one that pads evenly (no padded copies, faster): for a student trained from scratch;
+        ImageNet weights fit only the full trunk with its own padding."""
         super().__init__()
         info = backbone_info(name)
         self.name = name
-        if pretrained and inner != 1.0:
-            raise ValueError("ImageNet weights fit only the full-width trunk (inner=1.0)")
-        self.trunk = info.build(False, inner)
+        if pretrained and (inner != 1.0 or symmetric):
+            raise ValueError("ImageNet weights fit only the full-width trunk with its own padding")
+        self.trunk = info.build(False, inner, symmetric)
         unknown = [s for s in stages if s not in self.trunk.stage_channels]
         if unknown or not stages:
             raise UadkitError(f"Model.layers: stages {unknown or stages} do not exist in '{name}'; "

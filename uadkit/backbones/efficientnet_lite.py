@@ -19,9 +19,17 @@ STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow's "SAME" padding: asymmetric (extra pixel right/bottom) for stride 2."""
+    """Conv2d with TensorFlow's "SAME" padding: asymmetric (extra pixel right/bottom) for stride 2.
+
+    `symmetric` pads kernel // 2 on every side inside the convolution instead: the same output sizes, no
+    padded copy of the input (a trunk trained from scratch, a student, has no TensorFlow weights to match)."""
+
+    symmetric = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.weight.shape[-1] // 2, self.dilation,
+                            self.groups)
         ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
@@ -87,7 +95,8 @@ class EfficientNetLite(nn.Module):
     """Feature trunk only (stem + blocks); the classifier head is optional, for the weight self-test."""
 
     def __init__(self, specs: list[tuple[int, int, int, int, int, int]], with_head: bool = False,
-                 num_classes: int = 1000, head_channels: int = 1280) -> None:
+                 num_classes: int = 1000, head_channels: int = 1280, symmetric: bool = False) -> None:
+        """`symmetric`: every convolution pads evenly instead of TensorFlow's way (the ImageNet weights')."""
         super().__init__()
         stem = specs[0][1]
         self._conv_stem = SameConv2d(3, stem, 3, stride=2, bias=False)
@@ -107,6 +116,9 @@ class EfficientNetLite(nn.Module):
             self._conv_head = SameConv2d(last, head_channels, 1, bias=False)
             self._bn1 = nn.BatchNorm2d(head_channels, eps=BN_EPS)
             self._fc = nn.Linear(head_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, SameConv2d):
+                m.symmetric = symmetric
 
     def truncate(self, stages: list[str]) -> None:
         """Drop blocks after the last wanted stage (and the head): unused, they only cost memory."""

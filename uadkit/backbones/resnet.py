@@ -100,9 +100,10 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet18(with_head: bool = False, inner: float = 1.0) -> ResNet:
+# `symmetric` is accepted for the builders' common signature: ResNets pad evenly already
+def resnet18(with_head: bool = False, inner: float = 1.0, symmetric: bool = True) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], with_head=with_head, inner=inner)
 
 
-def wide_resnet50_2(with_head: bool = False, inner: float = 1.0) -> ResNet:
+def wide_resnet50_2(with_head: bool = False, inner: float = 1.0, symmetric: bool = True) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], width=128, with_head=with_head, inner=inner)
