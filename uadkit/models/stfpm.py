@@ -88,7 +88,7 @@ class STFPM(AnomalyModel):
         self.check_config(model_cfg)
         self.teacher = self.frozen_backbone(backbone_info(model_cfg["backbone"]).stfpm_stages, pretrained)
         # student_padding symmetric (opt-in): the student pads evenly, without the padded copies of its stride-2
-        # inputs that TensorFlow's padding (the teacher's) needs: training 15 % faster, but its grid is then
+        # inputs that TensorFlow's padding (the teacher's) needs: training about 10 % faster, but its grid is then
         # shifted against the teacher's by 3 to 15 px per stage, and screw ranked and outlined worse (README)
         symmetric = model_cfg.get("student_padding", "teacher") == "symmetric"
         # 1 (and folders saved before the key): the teacher's own architecture, as PaddleX's STFPM
