@@ -81,7 +81,6 @@ def test_fp32_training_on_the_gpu_follows_the_cpu_and_tf32_is_asked_for_by_name(
         res = det.train(dataset_dir=gpu_demo, output=out, epochs_iters=1, batch_size=12, precision=precision)
         hist[device, precision] = res["train"]["history"][0]["train_loss"]
         assert f"training steps in {precision} (Train.precision {precision})" in open(f"{out}/train.log").read()
-    print(hist)
     assert hist["gpu", "fp32"] == pytest.approx(hist["cpu", "fp32"], rel=2e-6), hist
 
 

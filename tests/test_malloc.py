@@ -48,14 +48,10 @@ def _probe(how: str, model: str, data: str, out: str, **env: str) -> tuple[int, 
     return int(faults), switched
 
 
-def _faults(how: str, model: str, data: str, out: str, **env: str) -> int:
-    return _probe(how, model, data, out, **env)[0]
-
-
 @pytest.mark.parametrize("how", ["cli", "library"])
 def test_gradient_training_reuses_freed_memory_and_system_opts_out(how, demo_dir, tmp_path):
-    on = _faults(how, "STFPM", demo_dir, str(tmp_path / "on"))
-    off = _faults(how, "STFPM", demo_dir, str(tmp_path / "off"), UADKIT_MALLOC="system")
+    on = _probe(how, "STFPM", demo_dir, str(tmp_path / "on"))[0]
+    off = _probe(how, "STFPM", demo_dir, str(tmp_path / "off"), UADKIT_MALLOC="system")[0]
     assert off > 0.9 * PAGES, (on, off)  # glibc's default: every block fresh pages
     assert on < 0.2 * PAGES, (on, off)  # reused: about the first block's pages only
 
