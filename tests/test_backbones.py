@@ -116,3 +116,22 @@ def test_a_slimmer_trunk_has_the_same_stages_and_outputs_for_fewer_weights(name)
     assert n_slim < 0.7 * n_full
     with pytest.raises(ValueError, match="full-width"):  # ImageNet weights are for the full trunk only
         FeatureExtractor(name, stages, pretrained=True, inner=0.5)
+
+
+@pytest.mark.parametrize(("name", "stage", "blocks"), [("efficientnet_lite0", "stage2", 3),
+                                                        ("efficientnet_lite0", "stage3", 5),
+                                                        ("resnet18", "layer1", 2), ("resnet18", "layer2", 4),
+                                                        ("wide_resnet50_2", "layer2", 7)])
+def test_leading_modules_compute_a_stage_through_its_last_block(name, stage, blocks):
+    fe = FeatureExtractor(name, backbone_info(name).stfpm_stages, pretrained=False).eval()
+    trunk = fe.trunk
+    assert trunk.blocks_through(stage) == blocks
+    names = trunk.leading_modules(blocks)
+    x = torch.rand(1, 3, 64, 64)
+    y = (x - fe.mean) / fe.std
+    with torch.no_grad():
+        for i, n in enumerate(names):  # the stem's convolution, its BatchNorm (then the activation), the blocks
+            y = trunk.get_submodule(n)(y)
+            if i == 1:
+                y = torch.nn.functional.relu6(y) if name.startswith("efficientnet") else trunk.maxpool(trunk.relu(y))
+        torch.testing.assert_close(y, trunk.forward_stages((x - fe.mean) / fe.std, [stage])[stage])

@@ -271,7 +271,7 @@ def _inner_widths(extractor) -> list[int]:
 
 
 def test_a_half_width_student_matches_every_teacher_stage_and_saves_and_loads(demo_dir, tmp_path):
-    det = create_model("STFPM", input_size=[64, 64], student_inner=0.5, epochs_iters=1)
+    det = create_model("STFPM", input_size=[64, 64], student_inner=0.5, shared_blocks=0, epochs_iters=1)
     det.train(dataset_dir=demo_dir, output=str(tmp_path))
     model = det.model
     teacher, student = _inner_widths(model.teacher), _inner_widths(model.student)
@@ -287,12 +287,15 @@ def test_a_half_width_student_matches_every_teacher_stage_and_saves_and_loads(de
 
 def test_a_folder_saved_before_student_inner_keeps_the_teachers_architecture(demo_dir, tmp_path):
     # trained with the teacher's architecture and padding, then its model.yaml written as before the keys existed
-    det = create_model("STFPM", input_size=[64, 64], student_inner=1.0, epochs_iters=1)
+    det = create_model("STFPM", input_size=[64, 64], student_inner=1.0, shared_blocks=0, epochs_iters=1)
     det.train(dataset_dir=demo_dir, output=str(tmp_path))
     meta_path = tmp_path / "best_model" / "model.yaml"
     meta = yaml.safe_load(open(meta_path))
     assert meta["Model"].pop("student_inner") == 1.0
     assert meta["Model"].pop("student_padding") == "teacher"
+    meta["Model"]["shared_blocks"] = 0  # written as 0 and then without the key: the same architecture
+    assert not any(getattr(m, "frozen", False) for m in det.model.student.modules())
+    meta["Model"].pop("shared_blocks")
     meta_path.write_text(yaml.safe_dump(meta))
     model, _ = load_model_dir(str(tmp_path / "best_model"))
     assert _inner_widths(model.student) == _inner_widths(model.teacher)
@@ -304,7 +307,8 @@ def test_a_folder_saved_before_student_inner_keeps_the_teachers_architecture(dem
 
 @pytest.mark.parametrize("size", [64, 67])
 def test_an_evenly_padded_student_matches_every_teacher_stage_and_saves_and_loads(demo_dir, tmp_path, size):
-    det = create_model("STFPM", input_size=[64, 64], student_padding="symmetric", epochs_iters=1)
+    det = create_model("STFPM", input_size=[64, 64], student_padding="symmetric", shared_blocks=0,
+                       epochs_iters=1)
     det.train(dataset_dir=demo_dir, output=str(tmp_path))
     model = det.model.eval()
     pads = [m.symmetric for m in model.student.modules() if hasattr(m, "symmetric")]
@@ -333,3 +337,47 @@ def test_student_inner_outside_0_1_is_one_line_naming_the_key(bad):
     with pytest.raises(UadkitError, match=r"^config key 'Model.student_inner': expected ") as e:
         create_model("STFPM", student_inner=bad).model  # noqa: B018
     assert "\n" not in str(e.value)
+
+
+def test_a_student_sharing_the_teachers_first_blocks_keeps_them_frozen_and_learns_the_rest(demo_dir, tmp_path):
+    det = create_model("STFPM", input_size=[64, 64], student_inner=0.5, shared_blocks=2, epochs_iters=2)
+    before = {k: v.clone() for k, v in det.model.student.state_dict().items()}
+    det.train(dataset_dir=demo_dir, output=str(tmp_path))
+    model = det.model.eval()
+    student, teacher = model.student.trunk, model.teacher.trunk
+    shared = teacher.leading_modules(2)
+    assert shared == ["_conv_stem", "_bn0", "_blocks.0", "_blocks.1"]
+    # the shared blocks are the teacher's, at its width (block 1 expands 6x, not the student's 3x), and training
+    # changed neither their weights nor their BatchNorm statistics; the student's own blocks learned
+    assert _inner_widths(model.student)[:2] == _inner_widths(model.teacher)[:2]
+    assert 2 * _inner_widths(model.student)[2] == _inner_widths(model.teacher)[2]
+    for name in shared:
+        for k, v in student.get_submodule(name).state_dict().items():
+            torch.testing.assert_close(v, teacher.get_submodule(name).state_dict()[k], rtol=0, atol=0)
+            torch.testing.assert_close(v, before[f"trunk.{name}.{k}"], rtol=0, atol=0)
+    assert not torch.equal(student._blocks[2]._project_conv.weight, before["trunk._blocks.2._project_conv.weight"])
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    loaded, _ = load_model_dir(str(tmp_path / "best_model"))
+    assert loaded.cfg["shared_blocks"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.smoothed_map(x), model.smoothed_map(x))
+        # the stride-4 stage still differs from the teacher's: its last block is the student's own
+        assert not torch.allclose(loaded.student(x)[0], loaded.teacher(x)[0])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "one"])
+def test_shared_blocks_other_than_a_whole_number_is_one_line_naming_the_key(bad):
+    # wrong types are the config schema's one line ("expected int"), a negative count this model's own
+    with pytest.raises(UadkitError, match=r"^config key 'Model.shared_blocks': expected (int|a whole number >= 0)"
+                       ) as e:
+        create_model("STFPM", shared_blocks=bad).model  # noqa: B018
+    assert "\n" not in str(e.value)
+
+
+def test_shared_blocks_that_would_compute_a_whole_stage_is_one_line_with_the_limit():
+    # Lite0's stride-4 stage ends at block 2: sharing 3 blocks would leave that stage nothing to learn
+    with pytest.raises(UadkitError, match=r"^config key 'Model.shared_blocks': expected 0 to 2 for "
+                                          r"efficientnet_lite0 .*got 3$"):
+        create_model("STFPM", shared_blocks=3).model  # noqa: B018
+    # with the stride-8 stage first (Model.layers), more blocks may be shared
+    assert create_model("STFPM", layers=["stage3", "stage5"], shared_blocks=3).model.cfg["shared_blocks"] == 3

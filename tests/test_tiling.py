@@ -162,7 +162,7 @@ def test_roi_keeps_the_models_top_k_image_score(hires, tmp_path, tiling):
     # precondition below); the hard loss's or the slimmer student's first epoch leaves a flatter map (0.454
     # against 1.04 x 0.444), and what is tested here is the region rule
     det = create_model("STFPM", input_size=[64, 64], image_topk=0.05, hard_quantile=0.0, student_inner=1.0,
-                       epochs_iters=1, batch_size=8, tiling=tiling,
+                       shared_blocks=0, epochs_iters=1, batch_size=8, tiling=tiling,
                        **{"Train.export": False, "Train.calibration.synthetic_images": 0})
     det.train(dataset_dir=hires, output=str(tmp_path))
     model = det.model.eval()

@@ -120,6 +120,14 @@ class EfficientNetLite(nn.Module):
             if isinstance(m, SameConv2d):
                 m.symmetric = symmetric
 
+    def leading_modules(self, n_blocks: int) -> list[str]:
+        """Names of the modules that compute the stem and the first `n_blocks` blocks, in order."""
+        return ["_conv_stem", "_bn0"] + [f"_blocks.{i}" for i in range(n_blocks)]
+
+    def blocks_through(self, stage: str) -> int:
+        """How many blocks compute `stage` (its last block included)."""
+        return 1 + max(i for i, st in enumerate(self.block_stage) if f"stage{st + 1}" == stage)
+
     def truncate(self, stages: list[str]) -> None:
         """Drop blocks after the last wanted stage (and the head): unused, they only cost memory."""
         last = max(i for i, st in enumerate(self.block_stage) if f"stage{st + 1}" in stages)

@@ -76,6 +76,18 @@ class ResNet(nn.Module):
         if with_head:
             self.fc = nn.Linear(cin, 1000)
 
+    def _block_names(self) -> list[str]:
+        return [f"layer{i}.{j}" for i in range(1, 5) if hasattr(self, f"layer{i}")
+                for j in range(len(getattr(self, f"layer{i}")))]
+
+    def leading_modules(self, n_blocks: int) -> list[str]:
+        """Names of the modules that compute the stem and the first `n_blocks` residual blocks, in order."""
+        return ["conv1", "bn1"] + self._block_names()[:n_blocks]
+
+    def blocks_through(self, stage: str) -> int:
+        """How many residual blocks compute `stage` (its last block included)."""
+        return sum(name.split(".")[0] <= stage for name in self._block_names())
+
     def truncate(self, stages: list[str]) -> None:
         """Drop layers after the last wanted stage (and the head)."""
         last = max(int(s[-1]) for s in stages)
