@@ -45,7 +45,7 @@ class STFPM(AnomalyModel):
     # generated parts 0.866 -> 0.855, AUPRO 0.910 -> 0.926; 0.5 ranked worse (screw 0.885); 1 = the teacher's
     # architecture, PaddleX's (README)
     # shared_blocks 2: the student computes the teacher's stem and first two blocks (ImageNet, frozen) and learns
-    # the rest, so no backward pass runs through the largest maps (step 296-306 -> about 245 ms). Screw 0.931 /
+    # the rest, so no backward pass runs through the largest maps (step 300-329 against 407 ms). Screw 0.931 /
     # 0.988 / 0.944 -> 0.932 / 0.989 / 0.943 in 11.5 min, generated parts 0.855 / 0.986 / 0.926 -> 0.872 / 0.987 /
     # 0.928, small-defect cloth 0.990 / 0.9994 / 0.996 -> 0.988 / 0.9993 / 0.995; 1 ranked screw best (0.941) but
     # localised worse on parts (AUPRO 0.883) and trained 7 % longer; 0 = PaddleX's student (README)
