@@ -86,7 +86,7 @@ class ResNet(nn.Module):
 
     def blocks_through(self, stage: str) -> int:
         """How many residual blocks compute `stage` (its last block included)."""
-        return sum(name.split(".")[0] <= stage for name in self._block_names())
+        return sum(len(getattr(self, f"layer{i}")) for i in range(1, int(stage[-1]) + 1))
 
     def truncate(self, stages: list[str]) -> None:
         """Drop layers after the last wanted stage (and the head)."""

@@ -83,7 +83,7 @@ class STFPM(AnomalyModel):
             raise UadkitError(f"config key 'Model.student_padding': expected teacher or symmetric, "
                               f"got {model_cfg['student_padding']!r}")
         shared = model_cfg.get("shared_blocks", 0)
-        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+        if shared < 0:  # its type is the config schema's check
             raise UadkitError(f"config key 'Model.shared_blocks': expected a whole number >= 0 of the teacher's "
                               f"blocks the student shares (0 = none, PaddleX), got {shared!r}")
         chosen = model_cfg.get("score_layers")
