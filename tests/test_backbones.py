@@ -135,3 +135,17 @@ def test_leading_modules_compute_a_stage_through_its_last_block(name, stage, blo
             if i == 1:
                 y = torch.nn.functional.relu6(y) if name.startswith("efficientnet") else trunk.maxpool(trunk.relu(y))
         torch.testing.assert_close(y, trunk.forward_stages((x - fe.mean) / fe.std, [stage])[stage])
+        # starting after the first k blocks from their output gives every later stage as the whole trunk does
+        whole = fe(x)
+        for k in range(blocks):
+            prefix = trunk.forward_prefix((x - fe.mean) / fe.std, k)
+            later = [s for s in fe.stages if trunk.blocks_through(s) > k]
+            feats = trunk.forward_stages(prefix, later, start=k)
+            for s in later:
+                torch.testing.assert_close(feats[s], whole[fe.stages.index(s)])
+            stages, kept = fe.forward_with_prefix(x, k)
+            torch.testing.assert_close(kept, prefix)
+            for a, b in zip(stages, whole, strict=True):
+                torch.testing.assert_close(a, b)
+        with pytest.raises(ValueError, match="ends within the first"):
+            trunk.forward_stages(trunk.forward_prefix(x, blocks), [stage], start=blocks)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from uadkit import create_model
 from uadkit.cli import main
@@ -216,7 +217,7 @@ def test_score_layers_combine_only_the_named_stages_and_travel_with_the_folder(d
     x = torch.from_numpy(prepare_image(load_image(os.path.join(demo_dir, "test/good/000.png")), (96, 96)))[None]
     with torch.no_grad():
         d = [F.interpolate(m, size=(96, 96), mode="bilinear", align_corners=False)
-             for m in stage_distances(model.teacher(x), model.student(x))]
+             for m in stage_distances(*model.teacher_student(x))]
         got = model.raw_map(x)
     # the named stages' product, without the first stage (inside the outermost stride-16 cell centres, where
     # Model.map_border does not reach)
@@ -246,7 +247,7 @@ def test_hard_quantile_loss_is_the_mean_of_each_images_worst_matched_positions(q
     model = det.model
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        d = stage_distances(model.teacher(x), model.student(x))
+        d = stage_distances(*model.teacher_student(x))
         want = 0.0
         for m in d:
             flat = m.flatten(1)
@@ -339,30 +340,47 @@ def test_student_inner_outside_0_1_is_one_line_naming_the_key(bad):
     assert "\n" not in str(e.value)
 
 
-def test_a_student_sharing_the_teachers_first_blocks_keeps_them_frozen_and_learns_the_rest(demo_dir, tmp_path):
+def test_a_student_starting_from_the_teachers_first_blocks_learns_only_the_rest(demo_dir, tmp_path):
     det = create_model("STFPM", input_size=[64, 64], student_inner=0.5, shared_blocks=2, epochs_iters=2)
-    before = {k: v.clone() for k, v in det.model.student.state_dict().items()}
+    before = {k: v.clone() for k, v in det.model.state_dict().items()}
     det.train(dataset_dir=demo_dir, output=str(tmp_path))
     model = det.model.eval()
     student, teacher = model.student.trunk, model.teacher.trunk
     shared = teacher.leading_modules(2)
     assert shared == ["_conv_stem", "_bn0", "_blocks.0", "_blocks.1"]
-    # the shared blocks are the teacher's, at its width (block 1 expands 6x, not the student's 3x), and training
+    # the student holds no copy of the shared modules: the teacher computes them once for both, and training
     # changed neither their weights nor their BatchNorm statistics; the student's own blocks learned
-    assert _inner_widths(model.student)[:2] == _inner_widths(model.teacher)[:2]
-    assert 2 * _inner_widths(model.student)[2] == _inner_widths(model.teacher)[2]
-    for name in shared:
-        for k, v in student.get_submodule(name).state_dict().items():
-            torch.testing.assert_close(v, teacher.get_submodule(name).state_dict()[k], rtol=0, atol=0)
-            torch.testing.assert_close(v, before[f"trunk.{name}.{k}"], rtol=0, atol=0)
-    assert not torch.equal(student._blocks[2]._project_conv.weight, before["trunk._blocks.2._project_conv.weight"])
+    assert not any(k.startswith(tuple(f"trunk.{n}." for n in shared)) for k in model.student.state_dict())
+    for k, v in model.teacher.state_dict().items():
+        torch.testing.assert_close(v, before[f"teacher.{k}"], rtol=0, atol=0)
+    assert 2 * student._blocks[2]._depthwise_conv.out_channels == teacher._blocks[2]._depthwise_conv.out_channels
+    assert not torch.equal(student._blocks[2]._project_conv.weight,
+                           before["student.trunk._blocks.2._project_conv.weight"])
+    # the maps are the student's stages computed from the teacher's own block-2 output, run module by module
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = (x - model.teacher.mean) / model.teacher.std
+        y = torch.nn.functional.relu6(teacher._bn0(teacher._conv_stem(y)))
+        y = teacher._blocks[1](teacher._blocks[0](y))
+        expected = stage_distances(model.teacher(x), model.student(y))
+        for got, want in zip(model.coarse_maps(x), expected, strict=True):
+            torch.testing.assert_close(got, want)
     loaded, _ = load_model_dir(str(tmp_path / "best_model"))
     assert loaded.cfg["shared_blocks"] == 2
     with torch.no_grad():
         torch.testing.assert_close(loaded.smoothed_map(x), model.smoothed_map(x))
         # the stride-4 stage still differs from the teacher's: its last block is the student's own
-        assert not torch.allclose(loaded.student(x)[0], loaded.teacher(x)[0])
+        assert not torch.allclose(loaded.student(y)[0], loaded.teacher(x)[0])
+    # folders saved while the student kept its own frozen copies of the shared modules load with equal maps
+    weights = tmp_path / "best_model" / "model.safetensors"
+    state = load_file(str(weights))
+    copies = {f"student.trunk.{k}": v.contiguous().clone() for k, v in teacher.state_dict().items()
+              if k.startswith(tuple(f"{n}." for n in shared))}
+    assert copies
+    save_file({**state, **copies}, str(weights))
+    old, _ = load_model_dir(str(tmp_path / "best_model"))
+    with torch.no_grad():
+        torch.testing.assert_close(old.smoothed_map(x), model.smoothed_map(x))
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "one"])

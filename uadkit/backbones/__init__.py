@@ -129,10 +129,12 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, name: str, stages: list[str] | tuple[str, ...], pretrained: bool = True,
-                 pretrained_path: str | None = None, inner: float = 1.0, symmetric: bool = False) -> None:
+                 pretrained_path: str | None = None, inner: float = 1.0, symmetric: bool = False,
+                 starts_at: int | None = None) -> None:
         """`inner` < 1 builds a slimmer trunk (blocks' inner widths scaled, stage outputs unchanged) and
         `symmetric` one that pads evenly (no padded copies, faster): for a student trained from scratch;
-        ImageNet weights fit only the full trunk with its own padding."""
+        ImageNet weights fit only the full trunk with its own padding. `starts_at` N builds a trunk without its
+        stem and first N blocks: it takes their output, computed by another trunk (`forward_with_prefix`)."""
         super().__init__()
         info = backbone_info(name)
         self.name = name
@@ -145,6 +147,9 @@ class FeatureExtractor(nn.Module):
                               f"expected some of {list(self.trunk.stage_channels)}")
         self.stages = list(stages)
         self.trunk.truncate(self.stages)
+        self.starts_at = starts_at
+        for module in self.trunk.leading_modules(starts_at) if starts_at is not None else []:
+            self.trunk.set_submodule(module, nn.Identity())  # never run: kept as a slot, so block names stay
         if pretrained:
             load_pretrained(self.trunk, name, pretrained_path)
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
@@ -158,9 +163,18 @@ class FeatureExtractor(nn.Module):
     def strides(self) -> list[int]:
         return [self.trunk.stage_strides[s] for s in self.stages]
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.trunk.forward_stages((images - self.mean) / self.std, self.stages)
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[0, 1] images, or with `starts_at` N the output of another trunk's stem and first N blocks."""
+        if self.starts_at is not None:
+            feats = self.trunk.forward_stages(x, self.stages, start=self.starts_at)
+        else:
+            feats = self.trunk.forward_stages((x - self.mean) / self.std, self.stages)
         return [feats[s] for s in self.stages]
+
+    def forward_with_prefix(self, images: torch.Tensor, n_blocks: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The stages' outputs and, computed on the way, the output of the stem and the first `n_blocks` blocks."""
+        feats, prefix = self.trunk.run_blocks((images - self.mean) / self.std, self.stages, None, n_blocks)
+        return [feats[s] for s in self.stages], prefix
 
 
 def build_classifier(name: str, pretrained_path: str | None = None) -> nn.Module:

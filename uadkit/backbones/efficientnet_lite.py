@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .trunk import Trunk
+
 BN_EPS = 1e-3
 # Stride of the first block of each of the seven stages of every EfficientNet.
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
@@ -91,8 +93,10 @@ def scale_inner(specs: list[tuple[int, int, int, int, int, int]], inner: float
     return [(st, cin, cout, e if e == 1 else max(1, round(e * inner)), k, s) for st, cin, cout, e, k, s in specs]
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(Trunk):
     """Feature trunk only (stem + blocks); the classifier head is optional, for the weight self-test."""
+
+    stem_modules = ("_conv_stem", "_bn0")
 
     def __init__(self, specs: list[tuple[int, int, int, int, int, int]], with_head: bool = False,
                  num_classes: int = 1000, head_channels: int = 1280, symmetric: bool = False) -> None:
@@ -120,13 +124,14 @@ class EfficientNetLite(nn.Module):
             if isinstance(m, SameConv2d):
                 m.symmetric = symmetric
 
-    def leading_modules(self, n_blocks: int) -> list[str]:
-        """Names of the modules that compute the stem and the first `n_blocks` blocks, in order."""
-        return ["_conv_stem", "_bn0"] + [f"_blocks.{i}" for i in range(n_blocks)]
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(x)))
 
-    def blocks_through(self, stage: str) -> int:
-        """How many blocks compute `stage` (its last block included)."""
-        return 1 + max(i for i, st in enumerate(self.block_stage) if f"stage{st + 1}" == stage)
+    def block_names(self) -> list[str]:
+        return [f"_blocks.{i}" for i in range(len(self._blocks))]
+
+    def block_stages(self) -> list[str]:
+        return [f"stage{st + 1}" for st in self.block_stage]
 
     def truncate(self, stages: list[str]) -> None:
         """Drop blocks after the last wanted stage (and the head): unused, they only cost memory."""
@@ -138,24 +143,9 @@ class EfficientNetLite(nn.Module):
             if hasattr(self, name):
                 delattr(self, name)
 
-    def forward_stages(self, x: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
-        wanted = set(stages)
-        last_block = {f"stage{st + 1}": i for i, st in enumerate(self.block_stage)}
-        stop = max(last_block[s] for s in wanted)
-        out = {}
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            name = f"stage{self.block_stage[i] + 1}"
-            if name in wanted and last_block[name] == i:
-                out[name] = x
-            if i == stop:
-                break
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (needs with_head=True)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = self.stem(x)
         for block in self._blocks:
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))

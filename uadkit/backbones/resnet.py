@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .trunk import Trunk
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -52,7 +54,9 @@ class Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(y)) + idt)
 
 
-class ResNet(nn.Module):
+class ResNet(Trunk):
+    stem_modules = ("conv1", "bn1")
+
     def __init__(self, block: type[nn.Module], layers: list[int], width: int = 64, with_head: bool = False,
                  inner: float = 1.0) -> None:
         super().__init__()
@@ -76,17 +80,15 @@ class ResNet(nn.Module):
         if with_head:
             self.fc = nn.Linear(cin, 1000)
 
-    def _block_names(self) -> list[str]:
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def block_names(self) -> list[str]:
         return [f"layer{i}.{j}" for i in range(1, 5) if hasattr(self, f"layer{i}")
                 for j in range(len(getattr(self, f"layer{i}")))]
 
-    def leading_modules(self, n_blocks: int) -> list[str]:
-        """Names of the modules that compute the stem and the first `n_blocks` residual blocks, in order."""
-        return ["conv1", "bn1"] + self._block_names()[:n_blocks]
-
-    def blocks_through(self, stage: str) -> int:
-        """How many residual blocks compute `stage` (its last block included)."""
-        return sum(len(getattr(self, f"layer{i}")) for i in range(1, int(stage[-1]) + 1))
+    def block_stages(self) -> list[str]:
+        return [name.split(".")[0] for name in self.block_names()]
 
     def truncate(self, stages: list[str]) -> None:
         """Drop layers after the last wanted stage (and the head)."""
@@ -95,17 +97,6 @@ class ResNet(nn.Module):
             delattr(self, f"layer{i}")
         if hasattr(self, "fc"):
             del self.fc
-
-    def forward_stages(self, x: torch.Tensor, stages: list[str]) -> dict[str, torch.Tensor]:
-        wanted = set(stages)
-        stop = max(int(s[-1]) for s in wanted)
-        out = {}
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(1, stop + 1):
-            x = getattr(self, f"layer{i}")(x)
-            if f"layer{i}" in wanted:
-                out[f"layer{i}"] = x
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stages(x, ["layer4"])["layer4"]
