@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -100,6 +102,52 @@ def test_model_owns_optimiser_schedule_hooks_and_extra_batches(monkeypatch, val_
     # the model's StepLR, stepped once per epoch, not the default cosine
     assert [h["lr"] for h in info["history"]] == [0.1, 0.05, 0.025, 0.0125]
     assert info["best_epoch"] == 1 and float(model.w) == pytest.approx(1 - 0.8**3, abs=1e-6)
+
+
+class Fading(Tiny):
+    """Tiny with weights that get no gradient, some of them subnormal (what Adam's decaying moments leave)."""
+
+    name = "Tiny"
+
+    def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
+        super().__init__(model_cfg)
+        self.dead = torch.nn.Parameter(torch.tensor([1e-39, -3e-39, 1e-30, 0.5]))
+
+    def configure_optimizers(self, train_cfg):
+        return torch.optim.Adam([self.w, self.dead], lr=train_cfg["learning_rate"]), None
+
+
+def test_cpu_training_steps_leave_no_subnormal_weights(monkeypatch, val_demo, tmp_path):
+    # subnormal floats make x86 arithmetic many times slower (an EfficientAD epoch 10.5 -> 50 s): uadkit reads
+    # and writes them as zero, so a step leaves weights under the smallest normal float at zero, no other value
+    monkeypatch.setitem(MODELS, "Tiny", Fading)
+    cfg = load_config(None, ["Global.model=Tiny", "Model.input_size=[32,32]", f"Global.output={tmp_path}"])
+    model = Fading(cfg["Model"])
+    index = load_index(val_demo, cfg["Train"]["val_split"], cfg["Global"]["seed"])
+    train_gradient(model, index, cfg, str(tmp_path), torch.device("cpu"))
+    assert model.dead.tolist() == [0.0, 0.0, pytest.approx(1e-30), 0.5]
+    assert float(model.w) != 0  # the weight that learns still does
+
+
+_SUBNORMAL_PROBE = """
+import sys, threading, torch
+import uadkit  # noqa: F401
+torch.set_num_threads(2)
+x = torch.full((4_000_000,), 1e-39)  # large enough that the multiply is split over both intra-op threads
+out = {}
+t = threading.Thread(target=lambda: out.setdefault("thread", int((torch.full((8,), 1e-39) * 1.0 != 0).sum())))
+t.start(); t.join()
+print(int((x * 1.0 != 0).sum()), out["thread"])
+"""
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "0 0"), ({"UADKIT_DENORMALS": "keep"}, "4000000 8")])
+def test_import_flushes_subnormals_in_every_thread_unless_kept(env, expected):
+    # set at import, before torch starts its pool, so both intra-op threads and later Python threads flush
+    run = subprocess.run([sys.executable, "-c", _SUBNORMAL_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-2:] == expected.split()
 
 
 def test_resume_keeps_the_best_epoch_and_reproduces_the_run(monkeypatch, val_demo, tmp_path):

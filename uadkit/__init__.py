@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .engine.device import flush_subnormals  # noqa: E402
+
+flush_subnormals()  # before torch starts its threads, which inherit it: subnormal floats slow CPU training
+
 from .api import AnomalyDetector, create_model  # noqa: E402
 from .pipeline import create_pipeline  # noqa: E402
 
