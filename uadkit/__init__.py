@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .engine.device import flush_subnormals  # noqa: E402
 
-flush_subnormals()  # before torch starts its threads, which inherit it: subnormal floats slow CPU training
+flush_subnormals()  # torch's threads start flushing subnormal floats, which slow CPU training (engine/device.py)
 
 from .api import AnomalyDetector, create_model  # noqa: E402
 from .pipeline import create_pipeline  # noqa: E402

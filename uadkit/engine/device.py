@@ -14,22 +14,47 @@ import torch
 from ..errors import UadkitError
 
 
+def _flushing() -> bool:
+    return float(torch.tensor([1e-39]) * 1.0) == 0.0  # a one-element op runs in the calling thread
+
+
 def flush_subnormals() -> bool:
-    """Treat float numbers below the smallest normal one (1.2e-38) as zero on the CPU, in this thread and in
-    every thread started after it (the intra-op pools of torch, ONNX Runtime and OpenVINO inherit it); `import
-    uadkit` calls it. Returns whether it is on: False where the CPU cannot, or with UADKIT_DENORMALS=keep.
+    """Start torch's intra-op threads with float numbers below the smallest normal one (1.2e-38) read and
+    written as zero, leaving the calling thread as it was; `import uadkit` calls it, before torch's first
+    parallel operation, since threads inherit the mode they start with. Returns whether it is on: False where
+    the CPU cannot, when the pool had already started, or with UADKIT_DENORMALS=keep. Training sets it in its
+    own thread too, for its duration (`subnormals_flushed`).
 
     Why: Adam's moments of weights that stop getting gradients (ReLU channels that never fire) decay
     geometrically towards zero, the weights follow, and x86 computes with subnormal numbers many times slower:
     EfficientAD with four students on screw went from 10.5 to 50 s an epoch within six epochs, from epoch 37 (0
-    subnormal weights at epoch 36, 17,820 at 43). It must be set before torch starts its thread pool: set
-    later, it covers only the calling thread (half of a two-thread multiply flushed, and that four-student run
-    slowed from epoch 43 instead). Zeroing subnormal weights and optimiser state after every step did not cure
-    it either: the default pair still went from 5.5 to 19 s an epoch from epoch 40 (products of tiny, still
-    normal weights can fall there). TensorFlow flushes them by default for the same reason."""
+    subnormal weights at epoch 36, 17,820 at 43). Set at training time, it covers only the calling thread (half
+    of a two-thread multiply flushed, and that four-student run slowed from epoch 43 instead). Zeroing subnormal
+    weights and optimiser state after every step did not cure it either: the default pair still went from 5.5
+    to 19 s an epoch from epoch 40. The calling thread keeps IEEE arithmetic outside training: other code in the
+    process may rely on it (hypothesis refuses to run without it)."""
     if os.environ.get("UADKIT_DENORMALS", "").strip().lower() == "keep":
         return False
-    return bool(torch.set_flush_denormal(True))
+    before = _flushing()
+    if not torch.set_flush_denormal(True):
+        return False
+    torch.empty(1 << 17).fill_(0.0)  # a parallel operation: torch's pool starts now, in this mode
+    torch.set_flush_denormal(before)
+    return True
+
+
+@contextlib.contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """Subnormal floats read and written as zero in this thread while inside (training), as before after."""
+    if os.environ.get("UADKIT_DENORMALS", "").strip().lower() == "keep":
+        yield
+        return
+    before = _flushing()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def parse_devices(spec: str) -> list[torch.device]:

@@ -28,7 +28,7 @@ from ..errors import UadkitError
 from ..models import AnomalyModel
 from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
 from .checkpoint import load_train_state, save_model_dir
-from .device import autocast, flush_subnormals, full_fp32, main_device, training_precision
+from .device import autocast, full_fp32, main_device, subnormals_flushed, training_precision
 from .distributed import SINGLE, DistContext, synced_batchnorm
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
 from .malloc import reuse_freed_memory
@@ -152,12 +152,10 @@ def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
     precision = training_precision(cfg["Train"]["precision"], device)
     log.info("training steps in %s (Train.precision %s)", precision, cfg["Train"]["precision"])
     reuse_freed_memory()  # every step's activations from the heap, not fresh pages (in every process of a job)
-    # set at import for every thread (engine/device.py); again here for this one, in case something in the
-    # process reset it since (the test suite's earlier tests did, in the main thread)
-    flush_subnormals()
     # fp32 on a GPU: TF32 off for the whole run, the teacher's targets and validation included (on an H200 an
-    # STFPM step's loss then matched the CPU's to 4e-7 where TF32 was 1 % off after one step)
-    with full_fp32(device) if precision == "fp32" else contextlib.nullcontext():
+    # STFPM step's loss then matched the CPU's to 4e-7 where TF32 was 1 % off after one step). Subnormal floats
+    # flushed in this thread (torch's pool does from import on, engine/device.py): they slowed EfficientAD 4x.
+    with full_fp32(device) if precision == "fp32" else contextlib.nullcontext(), subnormals_flushed():
         return _gradient_loop(model, index, cfg, out, device, ctx, precision)
 
 
