@@ -18,12 +18,16 @@ def _flushing() -> bool:
     return float(torch.tensor([1e-39]) * 1.0) == 0.0  # a one-element op runs in the calling thread
 
 
+def _kept() -> bool:
+    return os.environ.get("UADKIT_DENORMALS", "").strip().lower() == "keep"
+
+
 def flush_subnormals() -> bool:
     """Start torch's intra-op threads with float numbers below the smallest normal one (1.2e-38) read and
     written as zero, leaving the calling thread as it was; `import uadkit` calls it, before torch's first
-    parallel operation, since threads inherit the mode they start with. Returns whether it is on: False where
-    the CPU cannot, when the pool had already started, or with UADKIT_DENORMALS=keep. Training sets it in its
-    own thread too, for its duration (`subnormals_flushed`).
+    parallel operation, since threads inherit the mode they start with (a pool that had already started keeps
+    its mode). Returns False where the CPU cannot or with UADKIT_DENORMALS=keep. Training sets it in its own
+    thread too, for its duration (`subnormals_flushed`).
 
     Why: Adam's moments of weights that stop getting gradients (ReLU channels that never fire) decay
     geometrically towards zero, the weights follow, and x86 computes with subnormal numbers many times slower:
@@ -33,7 +37,7 @@ def flush_subnormals() -> bool:
     weights and optimiser state after every step did not cure it either: the default pair still went from 5.5
     to 19 s an epoch from epoch 40. The calling thread keeps IEEE arithmetic outside training: other code in the
     process may rely on it (hypothesis refuses to run without it)."""
-    if os.environ.get("UADKIT_DENORMALS", "").strip().lower() == "keep":
+    if _kept():
         return False
     before = _flushing()
     if not torch.set_flush_denormal(True):
@@ -46,7 +50,7 @@ def flush_subnormals() -> bool:
 @contextlib.contextmanager
 def subnormals_flushed() -> Iterator[None]:
     """Subnormal floats read and written as zero in this thread while inside (training), as before after."""
-    if os.environ.get("UADKIT_DENORMALS", "").strip().lower() == "keep":
+    if _kept():
         yield
         return
     before = _flushing()
