@@ -107,8 +107,6 @@ def test_model_owns_optimiser_schedule_hooks_and_extra_batches(monkeypatch, val_
 class Fading(Tiny):
     """Tiny with weights that get no gradient, some of them subnormal (what Adam's decaying moments leave)."""
 
-    name = "Tiny"
-
     def __init__(self, model_cfg: dict[str, Any], pretrained: bool = True) -> None:
         super().__init__(model_cfg)
         self.dead = torch.nn.Parameter(torch.tensor([1e-39, -3e-39, 1e-30, 0.5]))

@@ -130,9 +130,15 @@ class STFPM(AnomalyModel):
 
     def teacher_student(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher and student features; the shared blocks run once, in the teacher."""
+        return self._student_on(self.training_targets(images), images)
+
+    def _student_on(self, targets: list[torch.Tensor], images: torch.Tensor
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The teacher's stages and the student's, from `training_targets`: with shared blocks their output,
+        the last target, is the student's input."""
         if not self.shared:
-            return self.teacher(images), self.student(images)
-        teacher, prefix = self.teacher.forward_with_prefix(images, self.shared)
+            return targets, self.student(images)
+        *teacher, prefix = targets
         return teacher, self.student(prefix)
 
     def coarse_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -151,12 +157,8 @@ class STFPM(AnomalyModel):
 
     def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None,
                       extra: torch.Tensor | None = None) -> torch.Tensor:
-        teacher = targets if targets is not None else self.training_targets(images)
-        if self.shared:  # the last target is the shared blocks' output, the student's input
-            *teacher, prefix = teacher
-            student = self.student(prefix)
-        else:
-            student = self.student(images)
+        teacher, student = self._student_on(targets if targets is not None else self.training_targets(images),
+                                            images)
         q = float(self.cfg.get("hard_quantile") or 0.0)
         distances = stage_distances(teacher, student)
         if not q:  # PaddleX's loss: every position of every stage
