@@ -6,6 +6,18 @@ from uadkit.cli import main
 from uadkit.data.demo import make_demo_dataset
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+
+
+def pytest_configure(config) -> None:
+    # `make test` runs one pytest-xdist worker per core: each computes on one thread (and so do the processes
+    # it starts), as two threads per worker would oversubscribe the cores and spin in OpenMP's barriers
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 SMALL = ["-o", "Model.input_size=[128,128]", "-o", "Train.batch_size=4", "-o", "Train.epochs_iters=6"]
 
 

@@ -148,7 +148,7 @@ def test_import_starts_torchs_threads_flushing_subnormals_unless_kept(env, expec
     # torch's second intra-op thread flushes its half of the multiply; the importing thread, and a Python thread
     # started from it, keep IEEE arithmetic (training flushes in its own thread while it runs)
     run = subprocess.run([sys.executable, "-c", _SUBNORMAL_PROBE], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **env})
+                         env={**os.environ, "OMP_NUM_THREADS": "2", **env})
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[-2:] == expected.split()
 
