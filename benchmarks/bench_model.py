@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from uadkit.api import AnomalyDetector  # noqa: E402
 from uadkit.config import load_config  # noqa: E402
 from uadkit.data.image_io import list_images, load_image  # noqa: E402
-from uadkit.engine.device import main_device  # noqa: E402
+from uadkit.engine.device import machine_info, main_device  # noqa: E402
 from uadkit.inference.predictor import score_images  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     summary = {
         "model": args.model, "dataset": args.dataset, "overrides": args.override,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(device),
         "image_auroc": ev["image"]["auroc"], "image_aupr": ev["image"]["aupr"],
         "pixel_auroc": ev.get("pixel", {}).get("auroc"), "pixel_aupro": ev.get("pixel", {}).get("aupro"),
         "image_f1_at_threshold": ev["image"]["at_threshold"]["f1"],

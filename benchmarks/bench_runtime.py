@@ -131,7 +131,9 @@ def main() -> None:
                 row = json.loads(res.stdout.strip().splitlines()[-1])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(f"\ntorch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs\n")
+    from uadkit.engine.device import machine_info
+
+    print(f"\n{json.dumps(machine_info(torch.device('cpu')))}\n")
     print(table(rows))
 
 

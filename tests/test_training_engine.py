@@ -201,6 +201,11 @@ def test_every_registered_model_trains_saves_loads_and_exports(name, val_demo, t
     det = create_model(name, input_size=[64, 64], run_mode="torch")
     res = det.train(dataset_dir=val_demo, output=str(tmp_path / "o"), epochs_iters=2, batch_size=4)
     assert res["done_flag"] and res["model"] == name
+    # the run says what its fit time was measured on, in its result and in train_result.json
+    on_disk = json.load(open(os.path.join(tmp_path, "o", "train_result.json")))
+    machine = on_disk["machine"]
+    assert machine == res["machine"] and machine["torch"] == torch.__version__
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and machine["cores"] >= 1
     if det.model.trainable:
         assert len(res["train"]["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in res["train"]["history"])
     test_dir, best = os.path.join(val_demo, "test"), det.model_dir

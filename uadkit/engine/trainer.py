@@ -28,7 +28,7 @@ from ..errors import UadkitError
 from ..models import AnomalyModel
 from .calibrate import calibrate_model, calibrate_on_samples, collect_scores
 from .checkpoint import load_train_state, save_model_dir
-from .device import autocast, full_fp32, main_device, subnormals_flushed, training_precision
+from .device import autocast, full_fp32, machine_info, main_device, subnormals_flushed, training_precision
 from .distributed import SINGLE, DistContext, synced_batchnorm
 from .fitting import FEATURE_CACHE_LIMIT, fit_distributed, image_loader
 from .malloc import reuse_freed_memory
@@ -377,6 +377,7 @@ def _calibrate_and_save(model: AnomalyModel, index: DatasetIndex, cfg: dict, dev
                     "val": len(index.val), "test": len(index.test)},
         "fit_seconds": round(fit_s, 2),
         "calibration_seconds": round(cal_s, 2),
+        "machine": machine_info(device),
         "calibration": cal,
         "map_check": map_check,
         "summary": model.summary(),
