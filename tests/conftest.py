@@ -10,7 +10,7 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
 def pytest_configure(config) -> None:
     # `make test` runs one pytest-xdist worker per core: each computes on one thread (and so do the processes
-    # it starts), as two threads per worker would oversubscribe the cores and spin in OpenMP's barriers
+    # it starts), so the workers together use the cores once instead of each asking torch for all of them
     if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
