@@ -80,7 +80,7 @@ def main() -> None:
     ips8 = throughput(det.model, imgs, 8, device)
     summary = {
         "model": args.model, "dataset": args.dataset, "overrides": args.override,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "device": str(device),  # a GPU's name is in machine
         "machine": machine_info(device),
         "image_auroc": ev["image"]["auroc"], "image_aupr": ev["image"]["aupr"],
         "pixel_auroc": ev.get("pixel", {}).get("auroc"), "pixel_aupro": ev.get("pixel", {}).get("aupro"),
