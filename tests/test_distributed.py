@@ -142,6 +142,26 @@ def test_torchrun_launch_trains_once(demo_dir, tmp_path):
     assert open(tmp_path / "train.log").read().count("calibration") == 1
 
 
+_SHUTDOWN_PROBE = """
+import atexit, torch.distributed as dist
+# registered first, so it runs last (atexit is LIFO): what is left when the interpreter starts tearing down
+atexit.register(lambda: print("group alive at shutdown:", dist.is_initialized(), flush=True))
+from uadkit.engine.distributed import init_from_env
+init_from_env({"Global": {"device": "cpu", "dist_timeout_s": 60}}).barrier()
+"""
+
+
+def test_a_torchrun_rank_destroys_its_group_before_the_interpreter_shuts_down(tmp_path):
+    # A gloo group left to interpreter shutdown aborted a rank now and then ("terminate called without an active
+    # exception", SIGABRT: CI, 2026-12-07); nothing but uadkit owns the group under torchrun.
+    (tmp_path / "probe.py").write_text(_SHUTDOWN_PROBE)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "probe.py")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("group alive at shutdown: False") == 2, r.stdout
+
+
 def test_sharded_prediction_is_complete_and_not_duplicated(trained, demo_dir, tmp_path):
     base = ["-c", "configs/STFPM.yaml", "-o", "Global.mode=predict", "-o", f"Predict.model_dir={trained}/best_model",
             "-o", f"Predict.input={demo_dir}/test", "-o", "Predict.save_images=false"]

@@ -11,6 +11,7 @@ A crashed worker ends the whole job with an error naming the rank; collectives t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -167,10 +168,19 @@ def init_from_env(cfg: dict) -> DistContext:
         # features gathered in order): a plain NCCL group refuses CPU tensors
         dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=cfg["Global"]["dist_timeout_s"]))
+        # A group still alive at interpreter shutdown can abort the process (gloo's threads meet a half torn-down
+        # interpreter: "terminate called without an active exception", SIGABRT). Under torchrun nobody else
+        # destroys it, so do it while the interpreter is whole; a no-op where the spawned worker already did.
+        atexit.register(_destroy_group)
     if not gpu:
         # N processes share the cores: give each its slice rather than N x all of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return DistContext(rank, world, device)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -196,8 +206,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable[[dict, DistContext], 
     except Exception as e:  # keep the traceback: the parent only sees the message
         raise RuntimeError(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}") from e
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _destroy_group()
 
 
 def spawn(fn: Callable[[dict, DistContext], Any], cfg: dict, world: int) -> None:
