@@ -31,6 +31,9 @@ def test_unknown_key_in_yaml_file(tmp_path):
 @pytest.mark.parametrize("override,needle", [
     ("Train.epochs_iters=abc", "Train.epochs_iters"),
     ("Train.epochs_iters=0", "positive integer"),
+    ("Train.step_budget=0", r"^config key 'Train.step_budget': expected a positive integer or null, got 0$"),
+    ("Train.step_budget=many", "Train.step_budget"),
+    ("Train.epochs_iters=null", "both null"),  # STFPM's step_budget is null too: nothing says how long
     ("Global.mode=fly", "Global.mode"),
     ("Model.input_size=[10]", "Model.input_size"),
     ("Predict.threshold=2", "Predict.threshold"),
@@ -87,3 +90,13 @@ def test_each_models_config_file_states_its_code_defaults(name):
 
     for section in ("Global", "Model", "Train", "Evaluate", "Predict", "Export", "Calibrate"):
         walk(data.get(section) or {}, schema[section], section)
+
+
+def test_efficientads_null_epochs_are_still_type_checked():
+    # EfficientAD's epochs_iters defaults to null (its step budget decides): a wrong value must not slip through
+    with pytest.raises(UadkitError, match=r"'Train.epochs_iters': expected a positive integer or null, got 'ten'"):
+        load_config("configs/EfficientAD.yaml", ["Train.epochs_iters=ten"])
+    with pytest.raises(UadkitError, match="both null"):
+        load_config("configs/EfficientAD.yaml", ["Train.step_budget=null"])
+    cfg = load_config("configs/EfficientAD.yaml", ["Train.epochs_iters=3"])
+    assert cfg["Train"]["epochs_iters"] == 3 and cfg["Train"]["step_budget"] == 5400

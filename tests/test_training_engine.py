@@ -104,6 +104,41 @@ def test_model_owns_optimiser_schedule_hooks_and_extra_batches(monkeypatch, val_
     assert info["best_epoch"] == 1 and float(model.w) == pytest.approx(1 - 0.8**3, abs=1e-6)
 
 
+@pytest.mark.parametrize(("train", "epochs"), [
+    ({"epochs_iters": None, "step_budget": 7}, 3),   # 12 images in batches of 4: 3 steps an epoch, 7 -> 3 epochs
+    ({"epochs_iters": 2, "step_budget": 7}, 2),      # both set: the fewer epochs
+    ({"epochs_iters": 10, "step_budget": 4}, 2),
+    ({"epochs_iters": 3, "step_budget": None}, 3),   # epochs alone, as before the key
+])
+def test_a_step_budget_trains_whole_epochs_and_the_fewer_of_both(monkeypatch, val_demo, tmp_path, train, epochs):
+    _, info = _tiny_run(monkeypatch, val_demo, str(tmp_path), **{k: "null" if v is None else v
+                                                                 for k, v in train.items()})
+    assert info["epochs"] == epochs and [h["epoch"] for h in info["history"]] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in MODELS.items() if c.trainable))
+def test_a_models_cosine_schedule_spans_the_epochs_its_step_budget_gives(name, val_demo, tmp_path):
+    out = str(tmp_path / "o")
+    assert main(["-o", f"Global.model={name}", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={val_demo}",
+                 "-o", f"Global.output={out}", "-o", "Model.input_size=[64,64]", "-o", "Train.batch_size=4",
+                 "-o", "Train.epochs_iters=null", "-o", "Train.step_budget=7", "-o", "Train.lr_scheduler=cosine",
+                 "-o", "Train.export=false", "-o", "Train.calibration.synthetic_images=0"]) == 0
+    run = json.load(open(os.path.join(out, "train_result.json")))["train"]
+    lrs = [h["lr"] for h in run["history"]]
+    # decayed to zero over the 3 epochs run (cosine: 1, 0.75, 0.25 of the rate), not over a nominal epoch count
+    assert run["epochs"] == 3 and lrs == pytest.approx([lrs[0], 0.75 * lrs[0], 0.25 * lrs[0]], rel=1e-4)
+    assert "training 3 epochs of 3 steps (Train.step_budget 7" in open(os.path.join(out, "train.log")).read()
+
+
+def test_resume_under_a_step_budget_reproduces_the_run(monkeypatch, val_demo, tmp_path):
+    budget = {"epochs_iters": "null", "step_budget": 10}  # 4 epochs of 3 steps
+    _, whole = _tiny_run(monkeypatch, val_demo, str(tmp_path / "a"), save_interval=1, **budget)
+    ck = str(tmp_path / "a" / "checkpoints" / "epoch_2")
+    _, resumed = _tiny_run(monkeypatch, val_demo, str(tmp_path / "b"), resume_path=ck, **budget)
+    assert len(whole["history"]) == 4 and resumed["history"] == whole["history"]
+    assert resumed["best_epoch"] == whole["best_epoch"]
+
+
 class Fading(Tiny):
     """Tiny with weights that get no gradient, some of them subnormal (what Adam's decaying moments leave)."""
 

@@ -25,6 +25,8 @@ ON_ERROR = ("skip", "stop")
 # Keys that hold a path or an input: `-o` takes their text verbatim (not YAML), so names such as
 # "colon: space.png" or "hash #1.png" stay names. Quoted text loses its quotes; null / empty means None.
 PATH_KEYS = {"Predict.input", "Global.dataset_dir", "Global.output", "Model.pretrained_path", "Train.resume_path"}
+# Keys whose null is a value of its own although their default is not (epochs or a step budget, either)
+NULLABLE_KEYS = {"Train.epochs_iters", "Train.step_budget"}
 
 COMMON: dict[str, dict[str, Any]] = {
     "Global": {
@@ -60,6 +62,9 @@ COMMON: dict[str, dict[str, Any]] = {
     },
     "Train": {
         "epochs_iters": 1,
+        # optimiser steps to train for, whatever the data set's size: ceil(step_budget / batches per epoch)
+        # whole epochs; with epochs_iters also set, the fewer epochs of the two (null = epochs_iters alone)
+        "step_budget": None,
         "batch_size": 8,
         "num_workers": 0,
         "val_split": 0.1,          # fraction of good training images held out for calibration
@@ -201,7 +206,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
 
 
 def _check_type(key: str, value: Any, default: Any) -> None:
-    if value is None and default is not None:  # `-o Key=` or `: null` would crash a later comparison
+    if value is None and default is not None and key not in NULLABLE_KEYS:  # null would crash a comparison
         raise UadkitError(f"config key '{key}': expected {type(default).__name__}, got null")
     if default is None or value is None:
         return
@@ -231,7 +236,14 @@ def validate(cfg: dict, schema: dict, prefix: str = "") -> None:
     g, t, m = cfg["Global"], cfg["Train"], cfg["Model"]
     if g["mode"] not in MODES:
         raise UadkitError(f"config key 'Global.mode': expected one of {', '.join(MODES)}, got {g['mode']!r}")
-    for key, v in (("Train.epochs_iters", t.get("epochs_iters")), ("Train.batch_size", t["batch_size"]),
+    for key in ("epochs_iters", "step_budget"):  # null where a model's default is null: the type is checked here
+        v = t[key]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise UadkitError(f"config key 'Train.{key}': expected a positive integer or null, got {v!r}")
+    if t["epochs_iters"] is None and t["step_budget"] is None:
+        raise UadkitError("config keys 'Train.epochs_iters' and 'Train.step_budget' are both null: set either "
+                          "(epochs, or optimiser steps) to say how long to train")
+    for key, v in (("Train.batch_size", t["batch_size"]),
                    ("Evaluate.batch_size", cfg["Evaluate"]["batch_size"]),
                    ("Predict.batch_size", cfg["Predict"]["batch_size"]), ("Global.num_processes", g["num_processes"]),
                    ("Calibrate.batch_size", cfg["Calibrate"]["batch_size"])):

@@ -258,7 +258,9 @@ class AnomalyModel(nn.Module):
         """The optimiser over the trainable parameters, and a schedule the engine steps once per epoch.
 
         Default (STFPM's): SGD with Train.learning_rate / momentum / weight_decay; Train.lr_scheduler=cosine
-        decays to zero over Train.epochs_iters (at a constant rate the student keeps jumping between epochs)."""
+        decays to zero over the run (at a constant rate the student keeps jumping between epochs). The engine
+        passes Train with `epochs_iters` set to the epochs this run trains (engine/trainer.py `train_epochs`:
+        a Train.step_budget becomes whole epochs)."""
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=train_cfg["learning_rate"], momentum=train_cfg["momentum"],
                               weight_decay=train_cfg["weight_decay"])
