@@ -147,16 +147,13 @@ def _cpu_state(model: AnomalyModel) -> dict[str, torch.Tensor]:
     return copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def train_epochs(train_cfg: dict[str, Any], n_images: int) -> int:
-    """Whole epochs a run trains: Train.epochs_iters, or Train.step_budget steps rounded up to whole epochs of
-    `n_images`; the fewer where both are set. A step budget gives a small data set as much training as a
-    large one (EfficientAD at 150 epochs: ~5,400 steps on screw's 288 images, ~1,050 on 54)."""
-    per_epoch = math.ceil(n_images / train_cfg["batch_size"])
+def train_epochs(train_cfg: dict[str, Any], steps_per_epoch: int) -> int:
+    """Whole epochs a run trains: Train.epochs_iters, or Train.step_budget steps rounded up to whole epochs;
+    the fewer where both are set (config validation refuses both null). A step budget gives a small data set
+    as much training as a large one (EfficientAD at 150 epochs: ~5,400 steps on screw's 288 images, ~1,050
+    on 54)."""
     budget = train_cfg.get("step_budget")
-    limits = [e for e in (train_cfg["epochs_iters"], budget and math.ceil(budget / per_epoch)) if e]
-    if not limits:
-        raise UadkitError("config keys 'Train.epochs_iters' and 'Train.step_budget' are both null")
-    return min(limits)
+    return min(e for e in (train_cfg["epochs_iters"], budget and math.ceil(budget / steps_per_epoch)) if e)
 
 
 def train_gradient(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str,
@@ -175,10 +172,11 @@ def _gradient_loop(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
                    ctx: DistContext, precision: str) -> dict[str, Any]:
     t = cfg["Train"]
     bs, workers, seed = t["batch_size"], t["num_workers"], cfg["Global"]["seed"]
-    epochs = train_epochs(t, len(index.train))
+    steps = math.ceil(len(index.train) / bs)
+    epochs = train_epochs(t, steps)
     if t.get("step_budget"):
-        log.info("training %d epochs of %d steps (Train.step_budget %d, Train.epochs_iters %s)", epochs,
-                 math.ceil(len(index.train) / bs), t["step_budget"], t["epochs_iters"])
+        log.info("training %d epochs of %d steps (Train.step_budget %d, Train.epochs_iters %s)", epochs, steps,
+                 t["step_budget"], t["epochs_iters"])
     if bs < ctx.world:
         raise UadkitError(f"Train.batch_size {bs} is the global batch: it must be >= the {ctx.world} processes")
     # channels-last: on 2 CPU cores an STFPM step (Lite0, batch 8, 256 px) took 0.50 s contiguous and 0.24 s
@@ -228,7 +226,6 @@ def _gradient_loop(model: AnomalyModel, index: DatasetIndex, cfg: dict, out: str
         from torch.nn.parallel import DistributedDataParallel
 
         loss_fn = DistributedDataParallel(loss_fn, device_ids=[device] if device.type == "cuda" else None)
-    steps = math.ceil(len(ds) / bs)
     for epoch in range(start, epochs):
         model.train()
         running, seen = 0.0, 0
